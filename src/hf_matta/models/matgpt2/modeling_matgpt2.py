@@ -1,0 +1,281 @@
+"""MatGPT2: GPT-2 whose FFN layers have nested widths (MatTA's student nested inside its teaching assistant).
+
+Only the difference from GPT-2 is written here. Parameter names and the Conv1D (in, out) layout are GPT-2's, so a
+`GPT2LMHeadModel` state dict loads as is. The width of every FFN is an argument of each forward call
+(`ffn_widths`), never module state, so DDP, FSDP, generation and several widths in one training step are safe.
+
+This file travels to the Hub as remote code: it imports only torch and transformers.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import GPT2LMHeadModel, GPT2Model
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block, GPT2PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .configuration_matgpt2 import MatGPT2Config
+
+
+FFNWidths = int | Sequence[int] | None
+
+
+class MatConv1D(Conv1D):
+    """GPT-2's Conv1D (weight stored (in, out)) that can run on a prefix of its FFN hidden units.
+
+    `nested="out"` (`c_fc`) keeps the first `width` output features; `nested="in"` (`c_proj`) reads only the first
+    `width` input features. The slice is taken inside this module's own forward, where ZeRO-3 and FSDP have
+    gathered its parameters; it is a view, so no weight is copied and gradients reach the prefix only.
+    """
+
+    def __init__(self, nf: int, nx: int, nested: str):
+        super().__init__(nf, nx)
+        self.nested = nested
+
+    def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        if width is None:
+            return super().forward(x)
+        if self.nested == "out":
+            weight, bias = self.weight[:, :width], self.bias[:width]  # (nx, w), (w,)
+        else:
+            weight, bias = self.weight[:width], self.bias  # (w, nf), (nf,)
+        return torch.addmm(bias, x.reshape(-1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(-1))
+
+
+class MatGPT2MLP(GPT2MLP):
+    """GPT-2's MLP whose hidden width is chosen per call: `c_fc` columns and `c_proj` rows `[:width]`."""
+
+    def __init__(self, config: MatGPT2Config, layer_idx: int):
+        nn.Module.__init__(self)  # GPT2MLP.__init__ would allocate plain Conv1Ds first
+        self.c_fc = MatConv1D(config.n_inner[layer_idx], config.hidden_size, nested="out")
+        self.c_proj = MatConv1D(config.hidden_size, config.n_inner[layer_idx], nested="in")
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        hidden_states = self.act(self.c_fc(hidden_states, width))  # (B, T, w)
+        return self.dropout(self.c_proj(hidden_states, width))  # (B, T, d)
+
+
+class MatGPT2Block(GPT2Block):
+    """GPT-2's block with a nested MLP; reads its own width from the per-layer `ffn_widths` of the call."""
+
+    def __init__(self, config: MatGPT2Config, layer_idx: int):
+        nn.Module.__init__(self)
+        self.layer_idx = layer_idx
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config=config, layer_idx=layer_idx)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = MatGPT2MLP(config, layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: None = None,
+        encoder_attention_mask: None = None,
+        use_cache: bool | None = False,
+        ffn_widths: tuple[int, ...] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        width = None if ffn_widths is None else ffn_widths[self.layer_idx]
+        attn_output, _ = self.attn(
+            self.ln_1(hidden_states), cache=cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states), width)
+
+
+class MatGPT2PreTrainedModel(GPT2PreTrainedModel):
+    config: MatGPT2Config
+    config_class = MatGPT2Config
+    _no_split_modules = ["MatGPT2Block"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a model registered for an auto class also names the bare model in
+        `auto_map`, so both `AutoModel` and `AutoModelForCausalLM` load it with `trust_remote_code=True`."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(self.config.auto_map or {}), "AutoModel": "modeling_matgpt2.MatGPT2Model"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MatGPT2Model(MatGPT2PreTrainedModel, GPT2Model):
+    """The bare MatGPT2 transformer: GPT2Model with nested-width blocks and an `ffn_widths` argument."""
+
+    def __init__(self, config: MatGPT2Config):
+        GPT2PreTrainedModel.__init__(self, config)  # GPT2Model.__init__ would build fixed-width blocks
+        self.embed_dim = config.hidden_size
+        self.wte = nn.Embedding(config.vocab_size, self.embed_dim)
+        self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([MatGPT2Block(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self._attn_implementation = config._attn_implementation
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        ffn_widths: FFNWidths = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        r"""GPT2Model's forward, with `ffn_widths`: `None` runs every FFN at full width, an int runs every layer at
+        that width, a list gives one width per layer (a Mix'n'Match model)."""
+        return super().forward(
+            input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            ffn_widths=self.config.resolve_ffn_widths(ffn_widths),
+            **kwargs,
+        )
+
+
+class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
+    """MatGPT2 with GPT-2's tied language-modelling head. Every nested width is a causal LM of its own:
+
+    ```python
+    >>> ta_logits = model(input_ids).logits  # full width: the teaching assistant
+    >>> student_logits = model(input_ids, ffn_widths=model.config.student_width).logits
+    >>> mixed = model.generate(input_ids, ffn_widths=[256, 1024, 1024, 256])  # Mix'n'Match
+    ```
+    """
+
+    def __init__(self, config: MatGPT2Config):
+        GPT2PreTrainedModel.__init__(self, config)  # GPT2LMHeadModel.__init__ would build a GPT2Model
+        self.transformer = MatGPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        ffn_widths: FFNWidths = None,
+        **kwargs,
+    ) -> CausalLMOutputWithCrossAttentions:
+        r"""GPT2LMHeadModel's forward, with `ffn_widths` (see [`MatGPT2Model.forward`])."""
+        return super().forward(
+            input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            ffn_widths=ffn_widths,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_gpt2(
+        cls,
+        model_or_name: GPT2LMHeadModel | str,
+        mat_widths: Sequence[int],
+        student_width: int | None = None,
+        calibration_input_ids: torch.LongTensor | None = None,
+        **from_pretrained_kwargs,
+    ) -> "MatGPT2LMHeadModel":
+        r"""Grow (or cut) a pretrained GPT-2 into a nested MatGPT2 whose full width is `mat_widths[-1]`.
+
+        Every parameter but the FFNs' is copied. Each FFN keeps the pretrained neurons first:
+        - widths above the pretrained FFN width `n` add neurons whose `c_fc` columns are initialised like GPT-2's
+          and whose `c_proj` rows are zero, so every width `>= n` computes exactly the pretrained function at step 0
+          (with `student_width=n` the student *is* the pretrained model and the TA grows around it);
+        - widths below `n` are sub-networks: the prefix of the pretrained neurons. With `calibration_input_ids`, the
+          neurons of each layer are first reordered by importance on that text (mean |activation| times the norm of
+          the neuron's `c_proj` row, largest first), which leaves the full model's function unchanged and puts the
+          neurons that matter most into the prefix. Without it, the prefix is the pretrained order.
+
+        Args:
+            model_or_name: a `GPT2LMHeadModel`, or a name or path for `GPT2LMHeadModel.from_pretrained`.
+            mat_widths: ascending nested FFN widths; the last is the TA's full width.
+            student_width: the served granularity (one of `mat_widths`); defaults to the smallest.
+            calibration_input_ids: `(B, T)` token ids used to rank neurons when a width cuts into the pretrained FFN.
+        """
+        if isinstance(model_or_name, str):
+            source = GPT2LMHeadModel.from_pretrained(model_or_name, **from_pretrained_kwargs)
+        else:
+            source = model_or_name
+        source_config = source.config.to_dict()
+        pretrained_width = source_config.pop("n_inner") or 4 * source.config.n_embd
+        for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+            source_config.pop(key, None)
+        config = MatGPT2Config(
+            **source_config, n_inner=mat_widths[-1], mat_widths=list(mat_widths), student_width=student_width
+        )
+        model = cls(config).to(dtype=source.dtype)
+        state = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
+        if calibration_input_ids is not None and min(mat_widths) < pretrained_width:
+            _reorder_neurons_by_importance(source, state, calibration_input_ids)
+        kept = min(pretrained_width, config.n_inner[0])
+        target = model.state_dict()
+        for layer_idx in range(config.n_layer):
+            prefix = f"transformer.h.{layer_idx}.mlp."
+            grown_fc_weight = target[prefix + "c_fc.weight"].clone()  # (d, W): new columns keep the fresh init
+            grown_fc_weight[:, :kept] = state[prefix + "c_fc.weight"][:, :kept]
+            grown_fc_bias = torch.zeros_like(target[prefix + "c_fc.bias"])
+            grown_fc_bias[:kept] = state[prefix + "c_fc.bias"][:kept]
+            grown_proj_weight = torch.zeros_like(target[prefix + "c_proj.weight"])  # (W, d): new rows are zero
+            grown_proj_weight[:kept] = state[prefix + "c_proj.weight"][:kept]
+            state[prefix + "c_fc.weight"] = grown_fc_weight
+            state[prefix + "c_fc.bias"] = grown_fc_bias
+            state[prefix + "c_proj.weight"] = grown_proj_weight
+        model.load_state_dict(state, strict=False)
+        return model
+
+
+@torch.no_grad()
+def _reorder_neurons_by_importance(
+    source: GPT2LMHeadModel, state: dict[str, torch.Tensor], calibration_input_ids: torch.LongTensor
+) -> None:
+    """Permute each layer's FFN neurons in `state`, most important first (the full function is unchanged)."""
+    activations = {}
+    hooks = [
+        block.mlp.act.register_forward_hook(
+            lambda module, inputs, output, layer_idx=layer_idx: activations.__setitem__(layer_idx, output)
+        )
+        for layer_idx, block in enumerate(source.transformer.h)
+    ]
+    was_training = source.training
+    try:
+        source.eval()(calibration_input_ids.to(source.device))
+    finally:
+        source.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    for layer_idx, hidden in activations.items():
+        prefix = f"transformer.h.{layer_idx}.mlp."
+        proj_weight = state[prefix + "c_proj.weight"]  # (n, d)
+        importance = hidden.abs().flatten(0, -2).float().mean(0) * proj_weight.float().norm(dim=1)  # (n,)
+        order = importance.argsort(descending=True)
+        state[prefix + "c_fc.weight"] = state[prefix + "c_fc.weight"][:, order]
+        state[prefix + "c_fc.bias"] = state[prefix + "c_fc.bias"][order]
+        state[prefix + "c_proj.weight"] = proj_weight[order]
+
+
+__all__ = ["MatGPT2LMHeadModel", "MatGPT2Model", "MatGPT2PreTrainedModel"]
