@@ -27,8 +27,12 @@ def count_parameters(config: MatGPT2Config, plan: Plan = None) -> int:
 
 
 def count_flops_per_token(config: MatGPT2Config, plan: Plan = None, seq_len: int | None = None) -> int:
-    """Forward FLOPs per token (Kaplan et al. 2020): 2 per weight of every matmul, the LM head included, plus the
-    attention scores and weighted sum, 2 * 2 * seq_len * d per layer. A training step costs 3x this."""
+    """Forward matmul FLOPs per token at sequence length `seq_len` (default `n_positions`).
+
+    2 per weight of every matmul, the LM head included, plus the attention scores and their weighted sum,
+    2 * 2 * seq_len * d per layer over the full (T, T) score matrix as eager attention computes it: exactly what
+    `torch.utils.flop_counter.FlopCounterMode` counts for an eager forward. A training step costs about 3x this.
+    """
     d = config.n_embd
     seq_len = config.n_positions if seq_len is None else seq_len
     matmul_weights = config.n_layer * (3 * d * d + d * d) + sum(2 * d * w for w in config.resolve_ffn_widths(plan))
