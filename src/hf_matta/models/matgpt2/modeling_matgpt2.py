@@ -100,7 +100,8 @@ class MatGPT2PreTrainedModel(GPT2PreTrainedModel):
         """`PreTrainedModel.save_pretrained`; a model registered for an auto class also names the bare model in
         `auto_map`, so both `AutoModel` and `AutoModelForCausalLM` load it with `trust_remote_code=True`."""
         if self._auto_class is not None:
-            self.config.auto_map = {**(self.config.auto_map or {}), "AutoModel": "modeling_matgpt2.MatGPT2Model"}
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModel": "modeling_matgpt2.MatGPT2Model"}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
