@@ -39,6 +39,15 @@ def hand_built_gpt2(model: MatGPT2LMHeadModel, widths: list[int]) -> GPT2LMHeadM
     return gpt2.eval()
 
 
+def test_initialisation_matches_gpt2():
+    config = dict(n_layer=4, n_embd=256, n_head=2)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**tiny_kwargs(**config)))
+    model = MatGPT2LMHeadModel(MatGPT2Config(**tiny_kwargs(**config)))
+    for name, param in gpt2.named_parameters():
+        expected, got = param.std().item(), model.get_parameter(name).std().item()
+        assert got == pytest.approx(expected, rel=0.1, abs=1e-6), name  # c_proj: 0.02 / sqrt(2 n_layer)
+
+
 def test_gpt2_state_dict_loads_and_matches(input_ids):
     gpt2 = GPT2LMHeadModel(GPT2Config(**tiny_kwargs())).eval()
     model = tiny_matgpt2()
@@ -83,9 +92,12 @@ def test_gradients_reach_only_the_prefix(input_ids):
         assert mlp.c_proj.weight.grad[width:].abs().sum() == 0
 
 
-def test_from_gpt2_growth_keeps_the_pretrained_function(input_ids):
+@pytest.mark.parametrize("source", ["model", "path"])
+def test_from_gpt2_growth_keeps_the_pretrained_function(source, tmp_path, input_ids):
     gpt2 = GPT2LMHeadModel(GPT2Config(**tiny_kwargs(n_inner=64))).eval()
-    model = MatGPT2LMHeadModel.from_gpt2(gpt2, mat_widths=[64, 256], student_width=64).eval()
+    gpt2.save_pretrained(tmp_path)
+    model_or_name = gpt2 if source == "model" else str(tmp_path)
+    model = MatGPT2LMHeadModel.from_gpt2(model_or_name, mat_widths=[64, 256], student_width=64).eval()
     assert model.config.n_inner == [256, 256] and model.config.student_width == 64
     expected = gpt2(input_ids).logits
     torch.testing.assert_close(model(input_ids, ffn_widths=64).logits, expected, atol=ATOL, rtol=0)

@@ -96,6 +96,12 @@ class MatGPT2PreTrainedModel(GPT2PreTrainedModel):
     config_class = MatGPT2Config
     _no_split_modules = ["MatGPT2Block"]
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # Transformers treats classes outside its package as remote code and skips modules without parameters of
+        # their own, which would drop GPT-2's scaled residual init (c_proj std / sqrt(2 n_layer)). GPT-2's
+        # `_init_weights` uses `transformers.initialization`, which tracks what is initialised, so take the normal path.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`; a model registered for an auto class also names the bare model in
         `auto_map`, so both `AutoModel` and `AutoModelForCausalLM` load it with `trust_remote_code=True`."""
