@@ -1,0 +1,278 @@
+"""The MatTA loss terms as pure functions of logits and labels (DESIGN.md, "The method in one page").
+
+With z_T, z_A, z_S the teacher, TA and student logits, y the labels and KL_tau(p||q) = tau^2 KL(softmax(p/tau) ||
+softmax(q/tau)) summed over the vocabulary:
+
+    target(z) = (1 - gamma) CE(y, z) + gamma KL_tauT(z_T || z)            (gamma = 0 when there is no teacher)
+    L         = w_S target(z_S) + w_A target(z_A) + w_D KL_tauD(sg(z_A) || z_S)   (+ the extra widths, as students)
+
+Conventions shared by every function here:
+- `labels` are the model's labels as GPT-2 takes them (`labels = input_ids`, -100 ignored): the next-token shift
+  happens here, once, in `shift_labels`, exactly as in GPT-2's own loss. A position whose shifted label is -100
+  counts for no term, the KL terms included.
+- Each term is a sum over valid tokens divided by `num_items`, a count given from outside, so that the Trainer can
+  normalise by the tokens of the whole optimizer step (gradient accumulation and data parallelism). `None` counts
+  the valid tokens of `labels` (a mean over this batch).
+- `chunk_size` bounds memory. Three (B, T, V) logits tensors are the bottleneck (8 x 1024 x 50257 fp32 is 1.6 GB
+  each), and a plain autograd loss keeps several more vocabulary-sized tensors per model alive until backward
+  (softmaxes, log-softmaxes, upcasts). With a chunk size, the terms are computed over `chunk_size` tokens at a
+  time and each chunk's gradient with respect to the logits is computed at once and written into one buffer per
+  trained model, so at most one chunk's vocabulary-sized intermediates exist at any time, backward included
+  (`benchmarks/loss_memory.md` measures it). `None` is the plain autograd computation, the reference.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: (1024, 50257) fp32 is 0.2 GB per intermediate
+
+
+def shift_labels(labels: torch.LongTensor) -> torch.LongTensor:
+    """Next-token targets aligned with the logits: position t is scored on `labels[t + 1]`, the last on nothing.
+
+    `(..., T) -> (..., T)`, padded with -100 instead of slicing the logits, as transformers' `ForCausalLMLoss`.
+    """
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def count_valid_tokens(labels: torch.LongTensor) -> torch.Tensor:
+    """Number of tokens that count for the loss of `labels` (after the shift): the default `num_items`."""
+    return shift_labels(labels).ne(IGNORE_INDEX).sum()
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One atomic term on the stacked logits: CE(labels, logits[model]) when `target` is None, else
+    KL_temperature(logits[target] || logits[model]); `share` is its coefficient inside its reported term."""
+
+    model: int
+    target: int | None = None
+    temperature: float = 1.0
+    detach_target: bool = True
+    share: float = 1.0
+
+
+def _term_sums(logits: Sequence[torch.Tensor | None], targets: torch.Tensor, terms: Sequence[_Term]) -> torch.Tensor:
+    """Each term summed over valid rows, `(len(terms),)`: logits `(n, V)` each, `targets` the shifted labels `(n,)`.
+
+    Computed in fp32 at least, whatever the logits' dtype; log-softmaxes are shared between terms of one call.
+    """
+    valid = targets.ne(IGNORE_INDEX)  # (n,)
+    log_probs: dict[tuple[int, float, bool], torch.Tensor] = {}
+
+    def log_softmax(index: int, temperature: float, detach: bool = False) -> torch.Tensor:
+        key = (index, temperature, detach)
+        if key not in log_probs:
+            z = logits[index].detach() if detach else logits[index]
+            z = z.to(torch.promote_types(z.dtype, torch.float32))
+            log_probs[key] = F.log_softmax(z / temperature, dim=-1)  # (n, V)
+        return log_probs[key]
+
+    sums = []
+    for term in terms:
+        if term.target is None:
+            sums.append(F.nll_loss(log_softmax(term.model, 1.0), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+            continue
+        tau = term.temperature
+        log_p = log_softmax(term.target, tau, term.detach_target)  # (n, V), the distribution taught
+        log_q = log_softmax(term.model, tau)  # (n, V), the model that learns it
+        kl_rows = (log_p.exp() * (log_p - log_q)).sum(-1)  # (n,)
+        sums.append(tau**2 * torch.where(valid, kl_rows, 0.0).sum())
+    return torch.stack(sums)
+
+
+class _ChunkedTerms(torch.autograd.Function):
+    """The weighted total and the per-term sums of `_term_sums`, computed over chunks of rows.
+
+    Forward computes, chunk by chunk, the terms and the gradient of their weighted sum with respect to that chunk of
+    every logits tensor that requires grad, and writes it into one `(n, V)` buffer per such tensor; backward only
+    scales the buffers. So no chunk's intermediates outlive the chunk. The per-term sums are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, targets, terms, weights, chunk_size, *logits):
+        needs_grad = [z is not None and z.requires_grad for z in logits]
+        grads = [torch.empty_like(z) if need else None for z, need in zip(logits, needs_grad)]
+        trained = weights != 0
+        sums = torch.zeros_like(weights)
+        for start in range(0, targets.numel(), chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = [
+                None if z is None else z[rows].detach().requires_grad_(need) for z, need in zip(logits, needs_grad)
+            ]
+            with torch.enable_grad():
+                chunk_sums = _term_sums(chunk, targets[rows], terms)
+                weighted = (weights * chunk_sums)[trained].sum()
+                inputs = [z for z, need in zip(chunk, needs_grad) if need]
+                if inputs and weighted.requires_grad:
+                    chunk_grads = torch.autograd.grad(weighted, inputs, allow_unused=True, materialize_grads=True)
+                else:
+                    chunk_grads = [torch.zeros_like(z) for z in inputs]
+            for buffer, grad in zip((g for g in grads if g is not None), chunk_grads):
+                buffer[rows] = grad
+            sums += chunk_sums.detach()
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.needs_grad = needs_grad
+        total = (weights * sums)[trained].sum()
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total, grad_sums):
+        buffers = iter(ctx.saved_tensors)
+        grads = [next(buffers).mul_(grad_total) if need else None for need in ctx.needs_grad]
+        return None, None, None, None, *grads
+
+
+def _weighted_terms(
+    logits: Sequence[torch.Tensor | None],
+    labels: torch.LongTensor,
+    terms: Sequence[_Term],
+    weights: Sequence[float],
+    num_items: torch.Tensor | int | None,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(total, per-term values)`, both divided by `num_items`: logits `(..., T, V)`, labels `(..., T)`; the total
+    is the sum of the terms times `weights`, a zero weight leaving its term out."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens, or None for no chunking.")
+    if num_items is None:
+        num_items = count_valid_tokens(labels).clamp(min=1)
+    vocab = next(z for z in logits if z is not None).size(-1)
+    flat = [None if z is None else z.reshape(-1, vocab) for z in logits]  # (n, V) views
+    targets = shift_labels(labels).reshape(-1).to(flat[0].device)  # (n,)
+    dtype = torch.promote_types(flat[0].dtype, torch.float32)
+    weights = torch.tensor(weights, dtype=dtype, device=targets.device)
+    if chunk_size is None:
+        sums = _term_sums(flat, targets, terms)
+        total = (weights * sums)[weights != 0].sum()
+        return total / num_items, sums.detach() / num_items
+    total, sums = _ChunkedTerms.apply(targets, tuple(terms), weights, chunk_size, *flat)
+    return total / num_items, sums / num_items
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.LongTensor,
+    num_items: torch.Tensor | int | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Next-token cross-entropy of `logits` `(..., T, V)` on `labels` `(..., T)`, summed over valid tokens and
+    divided by `num_items`; with `num_items=None` it is GPT-2's own `loss`."""
+    return _weighted_terms([logits], labels, [_Term(model=0)], [1.0], num_items, chunk_size)[0]
+
+
+def kl_divergence(
+    target_logits: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.LongTensor,
+    num_items: torch.Tensor | int | None = None,
+    temperature: float = 1.0,
+    detach_target: bool = True,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """tau^2 KL(softmax(target_logits / tau) || softmax(logits / tau)), summed over the vocabulary and over the
+    tokens whose shifted label is valid, divided by `num_items`. With `detach_target` no gradient reaches the target.
+    """
+    term = _Term(model=1, target=0, temperature=temperature, detach_target=detach_target)
+    return _weighted_terms([target_logits, logits], labels, [term], [1.0], num_items, chunk_size)[0]
+
+
+def _target_terms(model: int, teacher: int | None, gamma: float, tau: float) -> list[_Term]:
+    """The atomic terms of target(z): CE and teacher KL, each left out when its share is zero."""
+    if teacher is None:
+        gamma = 0.0
+    terms = [_Term(model=model, share=1 - gamma)] if gamma < 1 else []
+    if gamma > 0:
+        terms.append(_Term(model=model, target=teacher, temperature=tau, share=gamma))
+    return terms
+
+
+def target_loss(
+    logits: torch.Tensor,
+    labels: torch.LongTensor,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_weight: float = 0.5,
+    teacher_temperature: float = 1.0,
+    num_items: torch.Tensor | int | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """target(z) = (1 - gamma) CE(y, z) + gamma KL_tauT(z_T || z), gamma = `teacher_weight` (0 without a teacher)."""
+    terms = _target_terms(0, None if teacher_logits is None else 1, teacher_weight, teacher_temperature)
+    shares = [term.share for term in terms]
+    return _weighted_terms([logits, teacher_logits], labels, terms, shares, num_items, chunk_size)[0]
+
+
+@dataclass
+class MatTALoss:
+    """The MatTA objective and its terms.
+
+    Attributes:
+        total: the weighted loss to differentiate.
+        terms: each term's value (detached, before its weight): `student` = target(z_S), `ta` = target(z_A),
+            `distill` = KL_tauD(z_A || z_S), and for every extra width `w`: `w{w}` = target(z_w) and
+            `distill_w{w}` = KL_tauD(z_A || z_w). A term is present when its logits were given.
+    """
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+def matta_loss(
+    student_logits: torch.Tensor,
+    labels: torch.LongTensor,
+    ta_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    extra_logits: Mapping[int, torch.Tensor] | None = None,
+    student_weight: float = 1.0,
+    ta_weight: float = 1.0,
+    distill_weight: float = 1.0,
+    distill_temperature: float = 1.0,
+    teacher_weight: float = 0.5,
+    teacher_temperature: float = 1.0,
+    detach_ta_targets: bool = True,
+    num_items: torch.Tensor | int | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> MatTALoss:
+    """L = w_S target(z_S) + w_A target(z_A) + w_D KL_tauD(sg(z_A) || z_S), plus, for every extra width `w` in
+    `extra_logits` (trained as a student of the TA), w_S target(z_w) + w_D KL_tauD(sg(z_A) || z_w).
+
+    Logits are `(..., T, V)`, all on the same tokens; `labels` `(..., T)` unshifted. A model whose logits are None
+    takes no part: no TA means no TA and no distillation terms, no teacher means gamma = 0. A zero weight removes
+    its term from the total (and from the gradient) but the term is still reported when its logits were given.
+    `detach_ta_targets=False` lets the distillation gradient reach the TA.
+    """
+    extra_logits = dict(extra_logits or {})
+    logits = [student_logits, ta_logits, teacher_logits, *extra_logits.values()]
+    teacher = None if teacher_logits is None else 2
+    # Each reported term: (its weight in the total, its atomic terms); its value sums them times their shares.
+    groups: dict[str, tuple[float, list[_Term]]] = {}
+
+    def add_student(name: str, model: int) -> None:
+        groups[name] = (student_weight, _target_terms(model, teacher, teacher_weight, teacher_temperature))
+        if ta_logits is not None:
+            distill = _Term(model=model, target=1, temperature=distill_temperature, detach_target=detach_ta_targets)
+            groups["distill" if name == "student" else f"distill_{name}"] = (distill_weight, [distill])
+
+    add_student("student", 0)
+    if ta_logits is not None:
+        groups["ta"] = (ta_weight, _target_terms(1, teacher, teacher_weight, teacher_temperature))
+    for index, width in enumerate(extra_logits, start=3):
+        add_student(f"w{width}", index)
+
+    terms = [term for _, group in groups.values() for term in group]
+    weights = [weight * term.share for weight, group in groups.values() for term in group]
+    total, sums = _weighted_terms(logits, labels, terms, weights, num_items, chunk_size)
+    values, start = {}, 0
+    for name, (_, group) in groups.items():
+        shares = torch.tensor([term.share for term in group], device=sums.device)
+        values[name] = (shares * sums[start : start + len(group)]).sum()
+        start += len(group)
+    return MatTALoss(total=total, terms=values)
