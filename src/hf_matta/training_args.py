@@ -1,0 +1,194 @@
+"""`MatTATrainingArguments`: Transformers' `TrainingArguments` plus the MatTA fields, and nothing else.
+
+Every field is documented below, carries `metadata={"help": ...}` for `HfArgumentParser`, and is range-checked in
+`__post_init__` with an error that names the value (TRL's `GKDConfig` pattern).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import DEFAULT_CHUNK_SIZE
+
+
+EXTRA_WIDTHS = ("none", "all", "sample")
+WIDTH_SCHEDULES = ("all", "sample_one")
+OPTIMIZERS = ("adamw", "shampoo", "soap", "distributed_shampoo")
+SHAMPOO_OPTIMIZERS = ("shampoo", "soap", "distributed_shampoo")  # need each parameter's true shape: no ZeRO
+GRAFTINGS = ("adam", "sgd", "none")
+
+
+@dataclass
+class MatTATrainingArguments(TrainingArguments):
+    r"""
+    [`TrainingArguments`] for [`MatTATrainer`], with the MatTA loss, teacher, width policy and optimizer fields.
+
+    With z_T, z_A, z_S the teacher, TA (full width) and student logits (DESIGN.md):
+    `target(z) = (1 - teacher_weight) CE(y, z) + teacher_weight KL_teacher_temperature(z_T || z)` and
+    `L = student_weight target(z_S) + ta_weight target(z_A) + w_D(t) KL_distill_temperature(sg(z_A) || z_S)`,
+    where `w_D(t)` ramps linearly from 0 to `distill_weight` over `distill_warmup_steps`.
+
+    Parameters:
+        student_weight (`float`, defaults to 1.0): w_S, the weight of the student's `target(z_S)`; also the weight of
+            every extra width's `target(z_w)`.
+        ta_weight (`float`, defaults to 1.0): w_A, the weight of the TA's `target(z_A)`.
+        distill_weight (`float`, defaults to 1.0): w_D, the weight of the TA -> student distillation term once warm.
+        distill_temperature (`float`, defaults to 1.0): tau_D of the TA -> student KL (scaled by tau_D^2).
+        distill_warmup_steps (`float`, defaults to 0): optimizer steps over which `w_D` ramps linearly from 0; a
+            float in (0, 1) is a fraction of the total training steps, as Transformers' `warmup_steps`.
+        detach_ta_targets (`bool`, defaults to `True`): stop the distillation gradient at the TA (its logits are a
+            fixed target for the student); `False` lets it flow into the TA too.
+        teacher_model_name_or_path (`str`, *optional*): the frozen teacher: a model path or Hub id, or a PEFT
+            adapter directory whose base model is loaded and the adapter merged. Unused when the trainer is given
+            `teacher_model`. Without a teacher, `teacher_weight` is 0.
+        teacher_weight (`float`, defaults to 0.5): gamma, the teacher's share in `target(z)`, in [0, 1].
+        teacher_temperature (`float`, defaults to 1.0): tau_T of the teacher KL (scaled by tau_T^2).
+        extra_widths (`str`, defaults to `"none"`): the granularities strictly between student and TA, each trained
+            as a student of the TA: `"none"`, `"all"` of them every step, or one `"sample"`d per step.
+        width_schedule (`str`, defaults to `"all"`): `"all"` runs every term every step; `"sample_one"` is
+            MatFormer's schedule: one granularity (student, TA or a trained extra width) sampled per step, with
+            only its own terms.
+        loss_chunk_size (`int`, defaults to 1024): tokens per chunk of the loss computation (memory: see
+            `hf_matta.losses`); 0 computes the loss in one piece.
+        optimizer (`str`, *optional*): `"adamw"`, `"shampoo"`, `"soap"` or `"distributed_shampoo"`, built by
+            `hf_matta.optim.build_optimizer`; `None` uses Trainer's own `optim`, as in Transformers.
+        max_preconditioner_dim (`int`, defaults to 1024): Shampoo's block size (larger dimensions are blocked).
+        precondition_frequency (`int`, defaults to 10): steps between preconditioner updates.
+        start_preconditioning_step (`int`, defaults to 10): the step from which Shampoo preconditions (grafting
+            only before it).
+        shampoo_epsilon (`float`, defaults to 1e-12): Shampoo's epsilon for the preconditioner roots.
+        grafting (`str`, defaults to `"adam"`): Shampoo's step-size grafting, `"adam"`, `"sgd"` or `"none"`.
+        align_blocks_to_widths (`bool`, defaults to `False`): split Shampoo's blocks at the nested width boundaries,
+            so the student's own neurons are preconditioned as blocks of their own.
+    """
+
+    student_weight: float = field(default=1.0, metadata={"help": "w_S: weight of the student's target(z_S) (>= 0)."})
+    ta_weight: float = field(default=1.0, metadata={"help": "w_A: weight of the TA's target(z_A) (>= 0)."})
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "w_D: weight of the TA -> student distillation KL once warm (>= 0)."}
+    )
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "tau_D of the TA -> student KL, which is scaled by tau_D^2 (> 0)."}
+    )
+    distill_warmup_steps: float = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps over which w_D ramps linearly from 0: an int, or a float in (0, 1) as a "
+            "fraction of the total training steps (>= 0)."
+        },
+    )
+    detach_ta_targets: bool = field(
+        default=True, metadata={"help": "Stop the distillation gradient at the TA (False: it reaches the TA too)."}
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The frozen teacher: a model path or Hub id, or a PEFT adapter directory (its base is loaded "
+            "and the adapter merged). None: no teacher, teacher_weight counts as 0."
+        },
+    )
+    teacher_weight: float = field(
+        default=0.5, metadata={"help": "gamma: the teacher's share in target(z) = (1-gamma) CE + gamma KL (0..1)."}
+    )
+    teacher_temperature: float = field(
+        default=1.0, metadata={"help": "tau_T of the teacher KL, which is scaled by tau_T^2 (> 0)."}
+    )
+    extra_widths: str = field(
+        default="none",
+        metadata={
+            "help": "Granularities between student and TA, trained as students of the TA: 'none', 'all' every "
+            "step, or one 'sample'd per step.",
+            "choices": list(EXTRA_WIDTHS),
+        },
+    )
+    width_schedule: str = field(
+        default="all",
+        metadata={
+            "help": "'all': every term every step; 'sample_one': MatFormer's one sampled granularity per step.",
+            "choices": list(WIDTH_SCHEDULES),
+        },
+    )
+    loss_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE,
+        metadata={"help": "Tokens per chunk of the loss computation (bounds its memory); 0: one piece (>= 0)."},
+    )
+    optimizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "hf_matta's optimizer: 'adamw', 'shampoo', 'soap' or 'distributed_shampoo'; None uses the "
+            "Trainer's own `optim`.",
+            "choices": list(OPTIMIZERS),
+        },
+    )
+    max_preconditioner_dim: int = field(
+        default=1024, metadata={"help": "Shampoo's block size: larger dimensions are split into blocks (>= 1)."}
+    )
+    precondition_frequency: int = field(
+        default=10, metadata={"help": "Steps between Shampoo preconditioner updates (>= 1)."}
+    )
+    start_preconditioning_step: int = field(
+        default=10, metadata={"help": "Step from which Shampoo preconditions; grafting alone before it (>= 0)."}
+    )
+    shampoo_epsilon: float = field(
+        default=1e-12, metadata={"help": "Shampoo's epsilon for the preconditioner roots (> 0)."}
+    )
+    grafting: str = field(
+        default="adam",
+        metadata={"help": "Shampoo's step-size grafting: 'adam', 'sgd' or 'none'.", "choices": list(GRAFTINGS)},
+    )
+    align_blocks_to_widths: bool = field(
+        default=False,
+        metadata={"help": "Split Shampoo's blocks at the nested width boundaries (student neurons as own blocks)."},
+    )
+
+    def __post_init__(self):
+        self._check_matta_fields()
+        super().__post_init__()
+
+    def _check_matta_fields(self) -> None:
+        """Range-check the MatTA fields before Transformers' own (cheap) checks and set-up."""
+        for name in ("student_weight", "ta_weight", "distill_weight", "distill_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+        if self.student_weight == self.ta_weight == self.distill_weight == 0:
+            raise ValueError(
+                "student_weight, ta_weight and distill_weight are all 0: nothing would be trained; set one above 0."
+            )
+        for name in ("distill_temperature", "teacher_temperature", "shampoo_epsilon"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
+        if not 0 <= self.teacher_weight <= 1:
+            raise ValueError(f"teacher_weight={self.teacher_weight} must be in [0, 1] (it is gamma, a share).")
+        choices = {
+            "extra_widths": EXTRA_WIDTHS,
+            "width_schedule": WIDTH_SCHEDULES,
+            "optimizer": (None, *OPTIMIZERS),
+            "grafting": GRAFTINGS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
+        lows = {
+            "loss_chunk_size": 0,
+            "max_preconditioner_dim": 1,
+            "precondition_frequency": 1,
+            "start_preconditioning_step": 0,
+        }
+        for name, low in lows.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {low}.")
+
+    def get_distill_warmup_steps(self, num_training_steps: int) -> int:
+        """Steps of the distillation warm-up: `distill_warmup_steps`, or its fraction of `num_training_steps`."""
+        if self.distill_warmup_steps >= 1:
+            return int(self.distill_warmup_steps)
+        return math.ceil(num_training_steps * self.distill_warmup_steps)
+
+    def distill_weight_at(self, step: int, num_training_steps: int) -> float:
+        """w_D(t): `distill_weight` ramped linearly from 0 over the warm-up, at optimizer step `step` (0-based)."""
+        warmup = self.get_distill_warmup_steps(num_training_steps)
+        return self.distill_weight * min(1.0, step / warmup) if warmup > 0 else self.distill_weight
+
+
+__all__ = ["MatTATrainingArguments"]
