@@ -2,6 +2,10 @@
 
 Pure arithmetic on the config. A plan is what `forward(ffn_widths=...)` takes: `None` (full width), an int (every
 layer) or one width per layer; `MatGPT2Config.resolve_ffn_widths` turns it into one width per layer.
+
+A *servable* plan uses, in every layer, a width the model was trained at: one of the granularities `mat_widths` or the
+layer's full `n_inner`. `check_plan` validates one; `uniform_plans` and `block_plans` list the servable plans of a
+strategy in ascending size, and `plans_for_budgets` picks the largest that fits each parameter budget.
 """
 
 from collections.abc import Sequence
@@ -39,4 +43,128 @@ def count_flops_per_token(config: MatGPT2Config, plan: Plan = None, seq_len: int
     return 2 * matmul_weights + 2 * d * config.vocab_size + config.n_layer * 2 * 2 * seq_len * d
 
 
-__all__ = ["Plan", "count_flops_per_token", "count_parameters"]
+def layer_granularities(config: MatGPT2Config) -> list[tuple[int, ...]]:
+    """The widths each layer can be served at, ascending: the granularities `mat_widths` and the layer's `n_inner`."""
+    return [tuple(sorted({*config.mat_widths, full})) for full in config.n_inner]
+
+
+def check_plan(config: MatGPT2Config, plan: Plan) -> tuple[int, ...]:
+    """One width per layer for a servable plan; `ValueError` naming the plan and the valid widths otherwise.
+
+    Unlike `resolve_ffn_widths` (which runs any prefix width), every width must be a granularity of its layer.
+    """
+    if plan is None:
+        return tuple(config.n_inner)
+    widths = [plan] * config.n_layer if isinstance(plan, int) else list(plan)
+    if len(widths) != config.n_layer:
+        raise ValueError(
+            f"plan {widths} has {len(widths)} widths but the model has n_layer={config.n_layer} layers; "
+            "give one width per layer, or a single width for all layers."
+        )
+    for layer_idx, (width, allowed) in enumerate(zip(widths, layer_granularities(config))):
+        if isinstance(width, bool) or width not in allowed:
+            raise ValueError(
+                f"plan {widths}: width {width!r} of layer {layer_idx} is not a granularity of that layer; "
+                f"choose one of {list(allowed)}."
+            )
+    return tuple(widths)
+
+
+def uniform_plans(config: MatGPT2Config) -> list[tuple[int, ...]]:
+    """Every granularity applied to all layers, ascending; the last is the full model (the TA)."""
+    plans = [(width,) * config.n_layer for width in config.mat_widths]
+    return list(dict.fromkeys([*plans, tuple(config.n_inner)]))
+
+
+def block_plans(config: MatGPT2Config) -> list[tuple[int, ...]]:
+    """Mix'n'Match plans with one contiguous block of wider layers (the shape of Gemma 3n's block-level configs).
+
+    Between two consecutive uniform plans `lo` and `hi`, the block of the last `k` layers takes `hi`'s widths and the
+    layers before it keep `lo`'s, for k = 0 .. n_layer - 1. The block sits at the end so that width never shrinks
+    with depth and the plan changes granularity once (MatFormer found slowly varying granularities on the Pareto
+    front), and so that each plan contains the previous one: a larger budget only widens more layers. `search`
+    measures instead of assuming where width helps most.
+    """
+    levels = uniform_plans(config)
+    plans = [
+        lo[: config.n_layer - k] + hi[config.n_layer - k :]
+        for lo, hi in zip(levels, levels[1:])
+        for k in range(config.n_layer)
+    ]
+    return [*plans, levels[-1]]
+
+
+def check_budgets(config: MatGPT2Config, budgets: Sequence[int], smallest: Plan) -> None:
+    """`ValueError` naming any budget outside [parameters of the `smallest` plan, parameters of the full model]."""
+    low, high = count_parameters(config, smallest), count_parameters(config)
+    for budget in budgets:
+        if budget < low:
+            raise ValueError(
+                f"budget {budget:,} parameters is below the smallest student ({low:,} parameters, plan "
+                f"{format_plan(config.resolve_ffn_widths(smallest))}); give budgets from {low:,} to {high:,} (the TA)."
+            )
+        if budget > high:
+            raise ValueError(
+                f"budget {budget:,} parameters is above the TA ({high:,} parameters, the full model); "
+                f"give budgets from {low:,} to {high:,}."
+            )
+
+
+def plans_for_budgets(
+    config: MatGPT2Config, plans: Sequence[Sequence[int]], budgets: Sequence[int]
+) -> list[tuple[int, ...]]:
+    """For each budget, the plan with the most parameters that fits it, from `plans` (checked against the budget
+    range first: the smallest of `plans` is the lower bound, the full model the upper)."""
+    counted = sorted((count_parameters(config, plan), tuple(plan)) for plan in plans)
+    check_budgets(config, budgets, counted[0][1])
+    return [max((item for item in counted if item[0] <= budget), key=lambda item: item[0])[1] for budget in budgets]
+
+
+def format_plan(widths: Sequence[int]) -> str:
+    """A plan as text that `parse_plan` reads back: `64` (uniform), `32,128,64`, runs as `64x3,128x2`."""
+    if len(set(widths)) == 1:
+        return str(widths[0])
+    runs: list[list[int]] = []
+    for width in widths:
+        if runs and runs[-1][0] == width:
+            runs[-1][1] += 1
+        else:
+            runs.append([width, 1])
+    return ",".join(f"{width}x{count}" if count > 1 else str(width) for width, count in runs)
+
+
+def parse_plan(text: str) -> int | list[int]:
+    """Read `64` (an int, uniform), `32,128,64` or `64x3,128x2` (one width per layer) as written by `format_plan`."""
+    if text.strip().isdigit():
+        return int(text)
+    widths = []
+    for part in text.split(","):
+        width, _, count = part.strip().partition("x")
+        if not width.isdigit() or not (count or "1").isdigit():
+            raise ValueError(
+                f"plan {text!r}: {part!r} is not a width; write one int for all layers (64), one per layer "
+                "(32,128,64) or runs (64x3,128x2)."
+            )
+        widths += [int(width)] * int(count or 1)
+    return widths
+
+
+def plan_name(widths: Sequence[int]) -> str:
+    """A folder-safe name for a plan: `ffn64`, `ffn32-128-64`, `ffn64x3-128x2`."""
+    return "ffn" + format_plan(widths).replace(",", "-")
+
+
+__all__ = [
+    "Plan",
+    "block_plans",
+    "check_budgets",
+    "check_plan",
+    "count_flops_per_token",
+    "count_parameters",
+    "format_plan",
+    "layer_granularities",
+    "parse_plan",
+    "plan_name",
+    "plans_for_budgets",
+    "uniform_plans",
+]

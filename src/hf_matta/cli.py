@@ -1,0 +1,278 @@
+"""The `hf-matta` command: one subcommand per job, each a function that adds its parser to `COMMANDS`.
+
+    hf-matta plans MODEL_DIR [--budgets 10M,20M] [--strategy uniform|block|search] [--data DATA]
+    hf-matta extract MODEL_DIR --plan 64 --plan 32,128,64 --out DIR [--overwrite]
+    hf-matta extract MODEL_DIR --budgets 10M,20M [--strategy ...] [--data DATA] --out DIR
+
+MODEL_DIR is a trained nested model (a `MatGPT2LMHeadModel` folder, as the training recipe saves it). Every argument is
+checked before the model's weights are loaded; every output folder before anything is written.
+"""
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from .extract import (
+    STRATEGIES,
+    PlanPoint,
+    extract_student,
+    mix_n_match,
+    save_student,
+    smallest_plan,
+    validation_loss,
+)
+from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel
+from .widths import check_budgets, check_plan, count_parameters, format_plan, parse_plan, plan_name
+
+
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def parse_budget(text: str) -> int:
+    """A parameter count written as `20000`, `1.5K`, `10M` or `1.3B` (decimal: K = 1e3, M = 1e6, B = G = 1e9)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kKmMbBgG]?)\s*", text)
+    try:
+        count = Decimal(match[1]) * _SUFFIXES[match[2].upper()] if match else None
+    except InvalidOperation:
+        count = None
+    if count is None or count != count.to_integral_value():
+        raise ValueError(f"budget {text!r} is not a whole parameter count; write e.g. 20000, 1.5K, 10M or 1.3B.")
+    return int(count)
+
+
+def _budgets_argument(text: str) -> list[int]:
+    """argparse type of `--budgets 10M,20M`."""
+    try:
+        return [parse_budget(part) for part in text.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _plan_argument(text: str) -> int | list[int]:
+    """argparse type of `--plan 64` / `--plan 32,128,64` / `--plan 64x3,128x2`."""
+    try:
+        return parse_plan(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="Folder of a trained nested MatGPT2 model.")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="uniform",
+        help="How budgets become plans: uniform (every layer at one granularity; the students are stock GPT-2), "
+        "block (the last layers one granularity wider) or search (greedy, measured on --data). Default: uniform.",
+    )
+    parser.add_argument(
+        "--data",
+        help="Held-out text to measure validation loss on: a .txt/.jsonl file (all of it is held out), a built-in "
+        "corpus name (its validation split, as the training recipe holds it out), or a .pt file with a (N, T) "
+        "tensor of token ids. Needed by --strategy search.",
+    )
+    parser.add_argument(
+        "--block-size", type=int, help="Tokens per held-out block (default: the model's context, at most 1024)."
+    )
+    parser.add_argument("--max-blocks", type=int, default=32, help="Held-out blocks to measure on (default 32).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Blocks per forward pass (default 8).")
+
+
+def add_plans_command(subparsers: argparse._SubParsersAction) -> None:
+    """`hf-matta plans`: a table of plans for budgets, with parameters and validation loss."""
+    parser = subparsers.add_parser(
+        "plans",
+        help="List Mix'n'Match plans for parameter budgets, with parameter counts and validation loss.",
+        description="Print a table of plans (per-layer FFN widths) with parameter counts and, given --data, "
+        "validation loss. Without --budgets, every plan of the strategy (for search, its whole path).",
+    )
+    _add_model_and_data_arguments(parser)
+    parser.add_argument("--budgets", type=_budgets_argument, help="Parameter budgets, e.g. 10M,20M or 1.5K,30000.")
+    parser.set_defaults(run=run_plans)
+
+
+def add_extract_command(subparsers: argparse._SubParsersAction) -> None:
+    """`hf-matta extract`: one standalone student folder per plan or budget."""
+    parser = subparsers.add_parser(
+        "extract",
+        help="Write standalone students (one folder each) for plans or parameter budgets.",
+        description="Extract students from a nested model: a uniform plan becomes a stock GPT2LMHeadModel, a "
+        "mixed plan a MatGPT2LMHeadModel with per-layer widths (loads with trust_remote_code=True). Each goes to "
+        "OUT/ffn<plan> with safetensors weights, generation config and the model's tokenizer.",
+    )
+    _add_model_and_data_arguments(parser)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--plan",
+        action="append",
+        type=_plan_argument,
+        help="A student's FFN widths: 64 (all layers), 32,128,64 (one per layer) or 64x3,128x2. Repeat for more.",
+    )
+    which.add_argument("--budgets", type=_budgets_argument, help="Parameter budgets; one student per budget.")
+    parser.add_argument("--out", type=Path, required=True, help="Folder to write the student folders into.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace student folders that already exist.")
+    parser.set_defaults(run=run_extract)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_plans_command, add_extract_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-matta` parser with every subcommand in `COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="hf-matta", description="MatTA for Hugging Face Transformers.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `hf-matta`; a bad input exits with status 2 and a message that names it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        parser.exit(2, f"hf-matta {args.command}: error: {error}\n")
+
+
+def run_plans(args: argparse.Namespace) -> int:
+    """Print the plans table."""
+    config = _load_config(args.model_dir)
+    if args.budgets:
+        check_budgets(config, args.budgets, smallest_plan(config, args.strategy))
+    model, input_ids = _load_model_and_data(args, config)
+    points = mix_n_match(model or config, args.strategy, args.budgets, input_ids, args.batch_size)
+    _print_table(points, args.budgets)
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """Extract and save the students, one summary line each."""
+    config = _load_config(args.model_dir)
+    if args.plan is not None:
+        plans = [check_plan(config, plan) for plan in args.plan]
+    else:
+        check_budgets(config, args.budgets, smallest_plan(config, args.strategy))
+        # uniform and block plans are arithmetic on the config; search needs the weights and the held-out data
+        plans = None if args.strategy == "search" else [p.widths for p in mix_n_match(config, args.strategy, args.budgets)]
+    if plans is not None:
+        _check_out_dirs(args, plans)
+    model, input_ids = _load_model_and_data(args, config, need_model=True)
+    if plans is None:
+        plans = [point.widths for point in mix_n_match(model, "search", args.budgets, input_ids, args.batch_size)]
+        _check_out_dirs(args, plans)
+    tokenizer = _load_tokenizer(args.model_dir)
+    for widths in dict.fromkeys(plans):  # two budgets can share a plan: extract it once
+        student = extract_student(model, widths)
+        out_dir = save_student(student, args.out / plan_name(widths), tokenizer, overwrite=args.overwrite)
+        loading = "needs trust_remote_code=True" if isinstance(student, MatGPT2LMHeadModel) else "stock GPT-2"
+        loss = "" if input_ids is None else f", val loss {validation_loss(model, input_ids, widths, args.batch_size):.4f}"
+        print(
+            f"{out_dir}: {type(student).__name__} ({loading}), plan {format_plan(widths)}, "
+            f"{count_parameters(config, widths):,} parameters{loss}"
+        )
+    return 0
+
+
+def _load_config(model_dir: Path) -> MatGPT2Config:
+    """The nested model's config, refusing anything that is not a MatGPT2 folder."""
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"MODEL_DIR {str(model_dir)!r} is not a folder; give the folder of a trained model.")
+    config = AutoConfig.from_pretrained(model_dir)
+    if not isinstance(config, MatGPT2Config):
+        raise ValueError(
+            f"{model_dir} holds a {config.model_type!r} model; hf-matta needs a nested MatGPT2 model "
+            "(model_type 'matgpt2'), such as the training recipe saves."
+        )
+    return config
+
+
+def _load_model_and_data(
+    args: argparse.Namespace, config: MatGPT2Config, need_model: bool = False
+) -> tuple[MatGPT2LMHeadModel | None, torch.LongTensor | None]:
+    """The nested model (only when weights are needed) and the held-out blocks (only with --data)."""
+    if args.strategy == "search" and args.data is None:
+        raise ValueError("--strategy search measures validation loss: give held-out text with --data.")
+    input_ids = None
+    if args.data is not None:
+        block_size = args.block_size or min(config.n_positions, 1024)
+        input_ids = load_heldout_blocks(args.data, _load_tokenizer(args.model_dir), block_size, args.max_blocks)
+    model = None
+    if need_model or input_ids is not None:
+        model = MatGPT2LMHeadModel.from_pretrained(args.model_dir)
+    return model, input_ids
+
+
+def load_heldout_blocks(
+    data: str, tokenizer: PreTrainedTokenizerBase | None, block_size: int, max_blocks: int
+) -> torch.LongTensor:
+    """Held-out token blocks (N, T) to measure plans on.
+
+    `data` is a `.pt` file holding a (N, T) tensor of token ids, a `.txt`/`.jsonl` file (all of it held out) or the
+    name of a built-in corpus (its validation split). Text goes through `hf_matta.data`'s loading and packing.
+    """
+    from . import data as data_module  # datasets is only imported when text is given
+
+    if data.endswith(".pt"):
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"--data {data!r} does not exist; give a .pt file of token ids or a text file.")
+        input_ids = torch.load(data, weights_only=True)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"--data {data!r} must hold a 2-D integer tensor of token ids (N, T).")
+        return input_ids[:max_blocks].long()
+    if tokenizer is None:
+        raise ValueError(f"--data {data!r} is text, but MODEL_DIR has no tokenizer; give token ids as a .pt file.")
+    if data in data_module.BUILTIN_CORPORA:
+        data_args = data_module.DataArguments(builtin_corpus=data, block_size=block_size, max_eval_samples=max_blocks)
+        split = "validation"
+    else:
+        data_args = data_module.DataArguments(
+            train_file=data, block_size=block_size, validation_split_percentage=0, max_train_samples=max_blocks
+        )
+        split = "train"
+    blocks = data_module.tokenize_and_pack(data_module.load_corpus(data_args), tokenizer, data_args)[split]
+    return torch.tensor(blocks["input_ids"], dtype=torch.long)
+
+
+def _load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:
+    """The model folder's tokenizer, or None if it has none."""
+    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _check_out_dirs(args: argparse.Namespace, plans: Sequence[Sequence[int]]) -> None:
+    """Refuse, before any extraction, to write into a student folder that already holds files."""
+    if args.overwrite:
+        return
+    taken = [str(args.out / plan_name(widths)) for widths in plans if _non_empty(args.out / plan_name(widths))]
+    if taken:
+        raise FileExistsError(f"student folders already exist and are not empty: {taken}; pass --overwrite to replace.")
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _print_table(points: Sequence[PlanPoint], budgets: Sequence[int] | None) -> None:
+    """One row per plan: (budget,) plan, parameters, validation loss."""
+    rows = [("budget",) * bool(budgets) + ("plan", "params", "val_loss")]
+    for idx, point in enumerate(points):
+        loss = "-" if point.val_loss is None else f"{point.val_loss:.4f}"
+        budget = (f"{budgets[idx]:,}",) if budgets else ()
+        rows.append((*budget, format_plan(point.widths), f"{point.params:,}", loss))
+    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
+    for row in rows:  # numbers right-aligned, the first column left-aligned
+        print("  ".join(cell.rjust(w) if col else cell.ljust(w) for col, (cell, w) in enumerate(zip(row, widths))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Extraction and Mix'n'Match: plans (per-layer FFN widths) of a trained nested model become standalone students.
+
+- `extract_student(model, plan)` copies exactly the plan's slices into a model of its own: a uniform plan gives a
+  stock `GPT2LMHeadModel` (loads anywhere, no custom code), a mixed plan a fixed-width `MatGPT2LMHeadModel` whose
+  config lists one `n_inner` per layer (loads with `trust_remote_code=True` where hf_matta is not installed).
+- `save_student` writes it with safetensors, its generation config and the tokenizer.
+- `mix_n_match(model, strategy, budgets)` chooses plans from parameter budgets: `uniform`, `block` (pure arithmetic,
+  see `hf_matta.widths`) or `search`, a greedy walk from the student to the TA measured on held-out tokens.
+"""
+
+import copy
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+
+from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel
+from .widths import (
+    Plan,
+    block_plans,
+    check_budgets,
+    check_plan,
+    count_parameters,
+    layer_granularities,
+    plans_for_budgets,
+    uniform_plans,
+)
+
+
+STRATEGIES = ("uniform", "block", "search")
+
+# Config entries that describe the nested source model, not a student (the student's class sets its own type).
+_SOURCE_ONLY_CONFIG_KEYS = (
+    "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "n_inner", "mat_widths",
+    "student_width", "dtype",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    """A servable plan: one FFN width per layer, its parameter count, and its validation loss when measured."""
+
+    widths: tuple[int, ...]
+    params: int
+    val_loss: float | None = None
+
+
+def extract_student(model: MatGPT2LMHeadModel, plan: Plan) -> GPT2LMHeadModel | MatGPT2LMHeadModel:
+    """The standalone model that runs `plan`: its logits equal `model(input_ids, ffn_widths=plan).logits`.
+
+    Every FFN keeps the plan's prefix of neurons (`c_fc.weight[:, :w]`, `c_fc.bias[:w]`, `c_proj.weight[:w]`); all
+    other parameters are copied whole. The copies share no memory with `model`, and `lm_head` stays tied to `wte`,
+    so `sum(p.numel())` equals `hf_matta.widths.count_parameters(model.config, plan)`.
+
+    Args:
+        model: a trained nested model.
+        plan: one width for all layers, or one per layer; each must be a granularity of its layer (`mat_widths`) or
+            the layer's full `n_inner`.
+
+    Returns:
+        For a uniform plan, a stock `GPT2LMHeadModel` with `n_inner = w`. For a mixed plan, a `MatGPT2LMHeadModel`
+        with one `n_inner` per layer and no granularities of its own (`mat_widths=[]`). In eval mode, on `model`'s
+        device and dtype, with a copy of `model`'s generation config.
+    """
+    widths = check_plan(model.config, plan)
+    shared = {key: value for key, value in model.config.to_dict().items() if key not in _SOURCE_ONLY_CONFIG_KEYS}
+    if len(set(widths)) == 1:
+        student_class, config = GPT2LMHeadModel, GPT2Config(**shared, n_inner=widths[0])
+    else:
+        student_class, config = MatGPT2LMHeadModel, MatGPT2Config(**shared, n_inner=list(widths), mat_widths=[])
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    for layer_idx, width in enumerate(widths):
+        prefix = f"transformer.h.{layer_idx}.mlp."
+        state[prefix + "c_fc.weight"] = state[prefix + "c_fc.weight"][:, :width]  # (d, w)
+        state[prefix + "c_fc.bias"] = state[prefix + "c_fc.bias"][:width]  # (w,)
+        state[prefix + "c_proj.weight"] = state[prefix + "c_proj.weight"][:width]  # (w, d)
+    # The tied head is re-tied to the new `wte` below; loading it too would give it a storage of its own.
+    state = {
+        name: tensor.clone(memory_format=torch.contiguous_format)
+        for name, tensor in state.items()
+        if not (config.tie_word_embeddings and name == "lm_head.weight")
+    }
+    with torch.device("meta"):  # no random init of weights that are overwritten at once
+        student = student_class(config)
+    missing, unexpected = student.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"extraction left parameters unmatched: missing {missing}, unexpected {unexpected}")
+    student.tie_weights()
+    student.generation_config = copy.deepcopy(model.generation_config)
+    return student.eval()
+
+
+def save_student(
+    student: PreTrainedModel,
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `student` to `out_dir`: `model.safetensors`, `config.json`, `generation_config.json`, the tokenizer's
+    files, and for a `MatGPT2LMHeadModel` the modeling files that `auto_map` names (remote code).
+
+    Raises `FileExistsError` if `out_dir` holds files, unless `overwrite`, which replaces the folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
+        shutil.rmtree(out_dir)  # stale files of another plan (modeling code, shards) must not survive
+    student.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def validation_loss(model: MatGPT2LMHeadModel, input_ids: torch.LongTensor, plan: Plan, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy of `model` at `plan` over held-out blocks `input_ids` (N, T), in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = 0.0
+        for batch in input_ids.split(batch_size):  # (b, T): every row has T - 1 predictions, so rows weigh equally
+            batch = batch.to(model.device)
+            total += model(batch, labels=batch, ffn_widths=plan).loss.item() * len(batch)
+    finally:
+        model.train(was_training)
+    return total / len(input_ids)
+
+
+def search_plans(
+    model: MatGPT2LMHeadModel, input_ids: torch.LongTensor, max_params: int | None = None, batch_size: int = 8
+) -> list[PlanPoint]:
+    """Greedy Mix'n'Match search: the path from the student (every layer at `student_width`) to the TA.
+
+    Each step widens, by one granularity, the layer whose widening lowers the validation loss on `input_ids` the most
+    per added parameter (or, where none lowers it, raises it the least); ties go to the earlier layer. Every point of
+    the path is a servable plan with its measured loss, so the path is a loss-against-parameters curve whose first
+    point is the student and last the TA (unless `max_params` stops it at the first point beyond that many).
+
+    Cost: one forward pass over `input_ids` per layer that can still widen, per step (at most `n_layer`), plus one for
+    the student: for L layers and G granularities at most 1 + L * L * (G - 1) passes in all. The candidates run
+    through the nested model's own `forward(ffn_widths=plan)`; nothing is extracted.
+    """
+    config = model.config
+    ladders = _search_ladders(config)
+    widths = smallest_plan(config, "search")
+    path = [PlanPoint(widths, count_parameters(config, widths), validation_loss(model, input_ids, widths, batch_size))]
+    while max_params is None or path[-1].params <= max_params:
+        current = path[-1]
+        candidates = {}  # layer index -> the plan with that layer one granularity wider
+        for layer_idx, (width, ladder) in enumerate(zip(current.widths, ladders)):
+            if width != ladder[-1]:
+                widened = list(current.widths)
+                widened[layer_idx] = ladder[ladder.index(width) + 1]
+                loss = validation_loss(model, input_ids, widened, batch_size)
+                candidates[layer_idx] = PlanPoint(tuple(widened), count_parameters(config, widened), loss)
+        if not candidates:  # every layer is at full width: the TA
+            break
+
+        def gain(layer_idx: int) -> tuple[float, int]:
+            """Loss lowered per added parameter; on a tie the earlier layer."""
+            point = candidates[layer_idx]
+            return (current.val_loss - point.val_loss) / (point.params - current.params), -layer_idx
+
+        path.append(candidates[max(candidates, key=gain)])
+    return path
+
+
+def _search_ladders(config: MatGPT2Config) -> list[tuple[int, ...]]:
+    """Per layer, the widths `search` walks through: its granularities from the student's width up."""
+    start = config.student_width if config.student_width is not None else min(config.n_inner)
+    return [tuple(width for width in allowed if width >= start) for allowed in layer_granularities(config)]
+
+
+def smallest_plan(config: MatGPT2Config, strategy: str) -> tuple[int, ...]:
+    """The smallest plan a strategy offers: the lower end of its budget range (the upper end is the TA)."""
+    if strategy == "search":
+        return tuple(ladder[0] for ladder in _search_ladders(config))
+    return uniform_plans(config)[0]
+
+
+def mix_n_match(
+    model: MatGPT2LMHeadModel | MatGPT2Config,
+    strategy: str = "uniform",
+    budgets: Sequence[int] | None = None,
+    input_ids: torch.LongTensor | None = None,
+    batch_size: int = 8,
+) -> list[PlanPoint]:
+    """Plans of a nested model for parameter budgets, with parameter counts and (given `input_ids`) validation loss.
+
+    Args:
+        model: the nested model; a config is enough for `uniform` and `block` without `input_ids`.
+        strategy: `uniform` (every granularity in all layers), `block` (a contiguous block of the last layers one
+            granularity wider, see `hf_matta.widths.block_plans`) or `search` (see `search_plans`; needs `input_ids`).
+        budgets: parameter budgets; each gets the strategy's largest plan that fits. Without budgets, every plan of
+            the strategy is returned, ascending in parameters (for `search`, its whole path).
+        input_ids: held-out token blocks (N, T) to measure the validation loss on.
+
+    Raises:
+        ValueError: an unknown strategy, `search` without `input_ids`, or a budget below the strategy's smallest
+            plan or above the TA (checked before any forward pass).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not one of {list(STRATEGIES)}.")
+    if strategy == "search" and input_ids is None:
+        raise ValueError("strategy='search' measures validation loss: give held-out input_ids (--data).")
+    if isinstance(model, MatGPT2Config) and input_ids is not None:
+        raise ValueError("measuring validation loss needs the model's weights, not only its config.")
+    config = model if isinstance(model, MatGPT2Config) else model.config
+    if strategy == "search":
+        check_budgets(config, budgets or [], smallest_plan(config, strategy))  # before the first forward pass
+        path = search_plans(model, input_ids, max(budgets) if budgets else None, batch_size)
+        points = {point.widths: point for point in path}
+        return [points[widths] for widths in plans_for_budgets(config, list(points), budgets)] if budgets else path
+    family = uniform_plans(config) if strategy == "uniform" else block_plans(config)
+    chosen = plans_for_budgets(config, family, budgets) if budgets else family
+    return [
+        PlanPoint(
+            widths,
+            count_parameters(config, widths),
+            None if input_ids is None else validation_loss(model, input_ids, widths, batch_size),
+        )
+        for widths in chosen
+    ]
+
+
+__all__ = [
+    "STRATEGIES",
+    "PlanPoint",
+    "extract_student",
+    "mix_n_match",
+    "save_student",
+    "search_plans",
+    "smallest_plan",
+    "validation_loss",
+]
