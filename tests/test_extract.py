@@ -1,5 +1,6 @@
 """Extraction and Mix'n'Match on a tiny nested model trained in-process: exact students, loadable anywhere."""
 
+import copy
 import json
 import os
 import subprocess
@@ -128,9 +129,8 @@ def test_student_equals_nested_model_at_plan(trained, plan, input_ids):
     assert not ta_pointers & {p.data_ptr() for p in student.parameters()}
 
 
-def test_extraction_follows_the_model_dtype(trained, input_ids):
-    student = extract_student(trained.to(torch.bfloat16), [16, 64, 32])
-    trained.float()
+def test_extraction_follows_the_model_dtype(trained):
+    student = extract_student(copy.deepcopy(trained).to(torch.bfloat16), [16, 64, 32])
     assert student.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in student.parameters())
 

@@ -82,6 +82,16 @@ def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--block-size", type=int, help="Tokens per held-out block (default: the model's context, at most 1024)."
     )
     parser.add_argument("--max-blocks", type=int, default=32, help="Held-out blocks to measure on (default 32).")
+    parser.add_argument(
+        "--validation-split-percentage",
+        type=float,
+        default=5.0,
+        help="For a built-in corpus: the share of documents held out, as in the training run (default 5; the tiny "
+        "recipe uses 10), so that the measured documents are ones training never saw.",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=42, help="For a built-in corpus: the training run's seed, which drew the split."
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="Blocks per forward pass (default 8).")
 
 
@@ -199,12 +209,20 @@ def _load_model_and_data(
     args: argparse.Namespace, config: MatGPT2Config, need_model: bool = False
 ) -> tuple[MatGPT2LMHeadModel | None, torch.LongTensor | None]:
     """The nested model (only when weights are needed) and the held-out blocks (only with --data)."""
-    if args.strategy == "search" and args.data is None:
+    if args.strategy == "search" and args.data is None and getattr(args, "plan", None) is None:
         raise ValueError("--strategy search measures validation loss: give held-out text with --data.")
     input_ids = None
     if args.data is not None:
         block_size = args.block_size or min(config.n_positions, 1024)
-        input_ids = load_heldout_blocks(args.data, _load_tokenizer(args.model_dir), block_size, args.max_blocks)
+        tokenizer = _load_tokenizer(args.model_dir)
+        input_ids = load_heldout_blocks(
+            args.data, tokenizer, block_size, args.max_blocks, args.validation_split_percentage, args.seed
+        )
+        if input_ids.shape[1] > config.n_positions:
+            raise ValueError(
+                f"held-out blocks of {input_ids.shape[1]} tokens are longer than the model's context "
+                f"n_positions={config.n_positions}; use --block-size {config.n_positions} or less."
+            )
     model = None
     if need_model or input_ids is not None:
         model = MatGPT2LMHeadModel.from_pretrained(args.model_dir)
@@ -212,15 +230,19 @@ def _load_model_and_data(
 
 
 def load_heldout_blocks(
-    data: str, tokenizer: PreTrainedTokenizerBase | None, block_size: int, max_blocks: int
+    data: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    block_size: int,
+    max_blocks: int,
+    validation_split_percentage: float = 5.0,
+    seed: int = 42,
 ) -> torch.LongTensor:
     """Held-out token blocks (N, T) to measure plans on.
 
     `data` is a `.pt` file holding a (N, T) tensor of token ids, a `.txt`/`.jsonl` file (all of it held out) or the
-    name of a built-in corpus (its validation split). Text goes through `hf_matta.data`'s loading and packing.
+    name of a built-in corpus (the validation split that `validation_split_percentage` and `seed` draw, as in
+    training). Text goes through `hf_matta.data`'s loading and packing.
     """
-    from . import data as data_module  # datasets is only imported when text is given
-
     if data.endswith(".pt"):
         if not Path(data).is_file():
             raise FileNotFoundError(f"--data {data!r} does not exist; give a .pt file of token ids or a text file.")
@@ -230,15 +252,23 @@ def load_heldout_blocks(
         return input_ids[:max_blocks].long()
     if tokenizer is None:
         raise ValueError(f"--data {data!r} is text, but MODEL_DIR has no tokenizer; give token ids as a .pt file.")
+    from . import data as data_module  # datasets is only imported when text is given
+
     if data in data_module.BUILTIN_CORPORA:
-        data_args = data_module.DataArguments(builtin_corpus=data, block_size=block_size, max_eval_samples=max_blocks)
+        data_args = data_module.DataArguments(
+            builtin_corpus=data,
+            block_size=block_size,
+            validation_split_percentage=validation_split_percentage,
+            max_eval_samples=max_blocks,
+        )
         split = "validation"
     else:
         data_args = data_module.DataArguments(
             train_file=data, block_size=block_size, validation_split_percentage=0, max_train_samples=max_blocks
         )
         split = "train"
-    blocks = data_module.tokenize_and_pack(data_module.load_corpus(data_args), tokenizer, data_args)[split]
+    raw = data_module.load_corpus(data_args, seed=seed)
+    blocks = data_module.tokenize_and_pack(raw, tokenizer, data_args)[split]
     return torch.tensor(blocks["input_ids"], dtype=torch.long)
 
 
