@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import string
 import subprocess
 import sys
 import textwrap
@@ -48,7 +49,7 @@ def second_order_stream(n_rows: int, seed: int, length: int = 32) -> torch.LongT
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer whose ids fit the tiny vocabulary (0..95 characters, eos = VOCAB - 1)."""
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,;:!?'\"()[]{}-+*/=<>_#@$%&|\\^~`"))
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))  # 96 characters
     vocab = {char: idx for idx, char in enumerate(chars)}
     vocab.update({"<unk>": len(chars), "<|endoftext|>": VOCAB - 1})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -121,7 +122,8 @@ def test_student_equals_nested_model_at_plan(trained, plan, input_ids):
         assert getattr(student.config, "auto_map", None) is None
     else:
         assert student.config.n_inner == plan and student.config.mat_widths == []
-    torch.testing.assert_close(student(input_ids).logits, trained(input_ids, ffn_widths=plan).logits, atol=ATOL, rtol=0)
+    expected = trained(input_ids, ffn_widths=plan).logits
+    torch.testing.assert_close(student(input_ids).logits, expected, atol=ATOL, rtol=0)
     # exactly the plan's parameters, as predicted; the head tied to the embedding; copies, not views of the TA
     assert sum(p.numel() for p in student.parameters()) == count_parameters(trained.config, plan)
     assert student.lm_head.weight.data_ptr() == student.transformer.wte.weight.data_ptr()

@@ -172,7 +172,10 @@ def run_extract(args: argparse.Namespace) -> int:
     else:
         check_budgets(config, args.budgets, smallest_plan(config, args.strategy))
         # uniform and block plans are arithmetic on the config; search needs the weights and the held-out data
-        plans = None if args.strategy == "search" else [p.widths for p in mix_n_match(config, args.strategy, args.budgets)]
+        if args.strategy == "search":
+            plans = None
+        else:
+            plans = [point.widths for point in mix_n_match(config, args.strategy, args.budgets)]
     if plans is not None:
         _check_out_dirs(args, plans)
     model, input_ids = _load_model_and_data(args, config, need_model=True)
@@ -184,11 +187,13 @@ def run_extract(args: argparse.Namespace) -> int:
         student = extract_student(model, widths)
         out_dir = save_student(student, args.out / plan_name(widths), tokenizer, overwrite=args.overwrite)
         loading = "needs trust_remote_code=True" if isinstance(student, MatGPT2LMHeadModel) else "stock GPT-2"
-        loss = "" if input_ids is None else f", val loss {validation_loss(model, input_ids, widths, args.batch_size):.4f}"
-        print(
+        summary = (
             f"{out_dir}: {type(student).__name__} ({loading}), plan {format_plan(widths)}, "
-            f"{count_parameters(config, widths):,} parameters{loss}"
+            f"{count_parameters(config, widths):,} parameters"
         )
+        if input_ids is not None:
+            summary += f", val loss {validation_loss(model, input_ids, widths, args.batch_size):.4f}"
+        print(summary)
     return 0
 
 
@@ -283,13 +288,10 @@ def _check_out_dirs(args: argparse.Namespace, plans: Sequence[Sequence[int]]) ->
     """Refuse, before any extraction, to write into a student folder that already holds files."""
     if args.overwrite:
         return
-    taken = [str(args.out / plan_name(widths)) for widths in plans if _non_empty(args.out / plan_name(widths))]
+    folders = [args.out / plan_name(widths) for widths in plans]
+    taken = [str(folder) for folder in folders if folder.is_dir() and any(folder.iterdir())]
     if taken:
-        raise FileExistsError(f"student folders already exist and are not empty: {taken}; pass --overwrite to replace.")
-
-
-def _non_empty(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+        raise FileExistsError(f"student folders exist and are not empty: {taken}; pass --overwrite to replace them.")
 
 
 def _print_table(points: Sequence[PlanPoint], budgets: Sequence[int] | None) -> None:

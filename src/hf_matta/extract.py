@@ -141,8 +141,10 @@ def search_plans(
     point is the student and last the TA (unless `max_params` stops it at the first point beyond that many).
 
     Cost: one forward pass over `input_ids` per layer that can still widen, per step (at most `n_layer`), plus one for
-    the student: for L layers and G granularities at most 1 + L * L * (G - 1) passes in all. The candidates run
-    through the nested model's own `forward(ffn_widths=plan)`; nothing is extracted.
+    the student. With L layers and G granularities the path has L * (G - 1) steps and costs at most
+    1 + L * L * (G - 1) passes; with two granularities exactly 1 + L * (L + 1) / 2 (11 for the tiny default's 4
+    layers, under a minute on 2 busy CPU cores for 32 blocks of 128 tokens). The candidates run through the nested
+    model's own `forward(ffn_widths=plan)`; nothing is extracted.
     """
     config = model.config
     ladders = _search_ladders(config)
