@@ -131,6 +131,15 @@ def test_student_equals_nested_model_at_plan(trained, plan, input_ids):
     assert not ta_pointers & {p.data_ptr() for p in student.parameters()}
 
 
+@pytest.mark.parametrize("plan", [PLANS["uniform32"], PLANS["mixed"]], ids=["uniform32", "mixed"])
+def test_student_generates_as_the_nested_model(trained, plan, input_ids):
+    student = extract_student(trained, plan)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=VOCAB - 1)
+    expected = trained.generate(input_ids, ffn_widths=plan, **kwargs)
+    assert torch.equal(student.generate(input_ids, **kwargs), expected)
+    assert student.generation_config.eos_token_id == trained.generation_config.eos_token_id
+
+
 def test_extraction_follows_the_model_dtype(trained):
     student = extract_student(copy.deepcopy(trained).to(torch.bfloat16), [16, 64, 32])
     assert student.dtype == torch.bfloat16
