@@ -1,0 +1,371 @@
+"""Corpora, tokenizer and packing: raw text in, fixed-length blocks of token ids out (`input_ids`, `labels`).
+
+Three sources, one pipeline:
+- a Hub dataset (`dataset_name`, optionally `streaming`),
+- local `.txt` / `.jsonl` files (`train_file`, `validation_file`),
+- a corpus that ships with Python itself (`builtin_corpus="pydoc_data.topics"`), so the default runs offline.
+
+Documents are tokenised, joined with the end-of-text token between them and cut into blocks of `block_size` tokens:
+no padding, every token counts (`labels = input_ids`; the model shifts them). When no validation file or split
+exists, a share of the documents is held out (split by document, before tokenisation, so no text leaks).
+Tokenisation runs through `datasets.map` with a fingerprint of (data, tokenizer, block size), so a second run with
+the same inputs reads the Arrow cache instead of tokenising again. Every input is checked, with an error that names
+the bad value, before any tokenisation or training starts.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from datasets.fingerprint import Hasher
+from transformers import PreTrainedTokenizerFast
+
+
+EOS_TOKEN = "<|endoftext|>"  # GPT-2's only special token: document separator, bos, eos and unk at once
+_TOKENIZE_BATCH = 1000  # documents per `map` batch; each batch drops < block_size tokens at its end
+_LOCAL_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json"}
+
+
+def _pydoc_topics() -> list[str]:
+    """The topics of Python's own `help()`: about 0.47 MB of English prose and code, one document per topic."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {"pydoc_data.topics": _pydoc_topics}
+
+
+@dataclass
+class DataArguments:
+    """Where the text comes from and how it becomes training blocks.
+
+    Exactly one source: `dataset_name` (a Hub dataset), `train_file` (local text or JSON lines) or `builtin_corpus`.
+    """
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, e.g. `HuggingFaceFW/fineweb-edu` (loaded with `datasets`)."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) of the Hub dataset, e.g. `sample-10BT`."}
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the Hub dataset instead of downloading it whole (for web-scale corpora). Streamed data "
+            "is tokenised on the fly and not cached; training then needs `max_steps` or `max_train_tokens`."
+        },
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local training text: a `.txt` file (one line per row) or `.jsonl`."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Local validation text in the same format as `train_file`."}
+    )
+    builtin_corpus: str | None = field(
+        default=None,
+        metadata={"help": f"A corpus that ships with Python, for offline runs: one of {sorted(BUILTIN_CORPORA)}."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column that holds the documents' text."})
+    block_size: int = field(
+        default=1024,
+        metadata={"help": "Tokens per training sequence; documents are packed into blocks of this length."},
+    )
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={
+            "help": "Share of the training documents (in %) held out for validation when there is no validation "
+            "file or split. 0 disables validation."
+        },
+    )
+    streaming_validation_documents: int = field(
+        default=1000,
+        metadata={"help": "When streaming without a validation split: the first N documents are held out."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep at most this many training blocks (for quick runs)."}
+    )
+    max_train_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget: keep the first ceil(max_train_tokens / block_size) training blocks. With "
+            "streaming and no `max_steps`, the recipe derives `max_steps` from it."
+        },
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep at most this many validation blocks."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenisation (`datasets.map(num_proc=...)`)."}
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenise again even if the `datasets` cache holds the result."}
+    )
+
+    def __post_init__(self):
+        sources = {
+            "dataset_name": self.dataset_name,
+            "train_file": self.train_file,
+            "builtin_corpus": self.builtin_corpus,
+        }
+        given = {name: value for name, value in sources.items() if value is not None}
+        if len(given) != 1:
+            raise ValueError(
+                f"Give exactly one text source, got {given or 'none'}: set one of dataset_name (Hub), "
+                f"train_file (local .txt/.jsonl) or builtin_corpus ({sorted(BUILTIN_CORPORA)})."
+            )
+        if self.builtin_corpus is not None and self.builtin_corpus not in BUILTIN_CORPORA:
+            raise ValueError(f"builtin_corpus={self.builtin_corpus!r} is unknown; choose one of {sorted(BUILTIN_CORPORA)}.")
+        if self.streaming and self.dataset_name is None:
+            raise ValueError("streaming=True streams a Hub dataset: set dataset_name, or drop streaming for local files.")
+        if self.validation_file is not None and self.train_file is None:
+            raise ValueError(f"validation_file={self.validation_file!r} needs a train_file next to it.")
+        for name in ("train_file", "validation_file"):
+            path = getattr(self, name)
+            if path is not None and Path(path).suffix not in _LOCAL_FORMATS:
+                raise ValueError(f"{name}={path!r} has an unknown extension; use one of {sorted(_LOCAL_FORMATS)}.")
+        if self.block_size < 2:
+            raise ValueError(f"block_size={self.block_size} must be at least 2 (a token and the one that follows).")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(f"validation_split_percentage={self.validation_split_percentage} must be in [0, 100).")
+        for name in ("streaming_validation_documents", "max_train_samples", "max_train_tokens", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be positive (or unset for no limit).")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise ValueError(f"preprocessing_num_workers={self.preprocessing_num_workers} must be at least 1.")
+
+    @property
+    def max_train_blocks(self) -> int | None:
+        """The tighter of `max_train_samples` and the token budget, in blocks."""
+        limits = [self.max_train_samples]
+        if self.max_train_tokens is not None:
+            limits.append(-(-self.max_train_tokens // self.block_size))
+        limits = [limit for limit in limits if limit is not None]
+        return min(limits) if limits else None
+
+
+def check_block_size(block_size: int, n_positions: int) -> None:
+    """Refuse blocks longer than the model's context, before any data is tokenised."""
+    if block_size > n_positions:
+        raise ValueError(
+            f"block_size={block_size} is larger than the model's context n_positions={n_positions}: "
+            f"set block_size <= {n_positions}."
+        )
+
+
+def load_corpus(data_args: DataArguments, seed: int = 42) -> DatasetDict | IterableDatasetDict:
+    """Raw documents as a `train` split and, unless validation is disabled, a `validation` split.
+
+    Raises before loading anything heavy: a missing file, and after loading: a text column that does not exist
+    (the error lists the ones that do) or a corpus with no text.
+    """
+    if data_args.dataset_name is not None:
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming=data_args.streaming)
+    else:
+        if data_args.builtin_corpus is not None:
+            data_files = {"train": str(_write_builtin_corpus(data_args.builtin_corpus, data_args.text_column))}
+        else:
+            data_files = {"train": data_args.train_file}
+            if data_args.validation_file is not None:
+                data_files["validation"] = data_args.validation_file
+        for split, path in data_files.items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{split} file {path!r} does not exist; check the {split}_file path.")
+            if Path(path).stat().st_size == 0:
+                raise ValueError(f"{split} file {path!r} is empty; give a file with text in it.")
+        builder = _LOCAL_FORMATS[Path(data_files["train"]).suffix]
+        raw = load_dataset(builder, data_files=data_files)
+    if "train" not in raw:
+        raise ValueError(f"dataset {data_args.dataset_name!r} has no 'train' split, only {sorted(raw)}.")
+    _check_text_column(raw["train"], data_args.text_column, source=_describe_source(data_args))
+    if "validation" not in raw and data_args.validation_split_percentage > 0:
+        raw = _hold_out_validation(raw["train"], data_args, seed)
+    if not data_args.streaming:
+        _check_not_empty(raw["train"], data_args.text_column, source=_describe_source(data_args))
+    return raw
+
+
+def load_or_train_tokenizer(
+    path: str | os.PathLike, corpus: Dataset | IterableDataset, text_column: str, vocab_size: int
+) -> PreTrainedTokenizerFast:
+    """The tokenizer saved at `path`, or a ByteLevel BPE trained on `corpus` and saved there (seconds on 0.5 MB).
+
+    A saved one is reused as it is: delete the folder to train a new one (for example after changing the corpus).
+    """
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer = train_bpe_tokenizer((row[text_column] for row in corpus), vocab_size)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer trained on `texts`, with `<|endoftext|>` as bos, eos and unk."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # 256 byte symbols: any text encodes, nothing is unknown
+    if vocab_size <= len(alphabet):
+        raise ValueError(
+            f"tokenizer vocab_size={vocab_size} leaves no room for merges: the byte alphabet alone has "
+            f"{len(alphabet)} symbols plus {EOS_TOKEN}; use at least {len(alphabet) + 2}."
+        )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN
+    )
+
+
+def tokenize_and_pack(
+    raw: DatasetDict | IterableDatasetDict, tokenizer: PreTrainedTokenizerFast, data_args: DataArguments
+) -> DatasetDict | IterableDatasetDict:
+    """Every split as blocks of `block_size` tokens (`input_ids`, and `labels` equal to them), cached by `datasets`.
+
+    Raises when a split holds fewer tokens than one block, naming the split, its token count and the block size.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token to separate documents; set one.")
+    packed = {}
+    for split, dataset in raw.items():
+        pack = partial(
+            _tokenize_and_pack,
+            tokenizer=tokenizer,
+            text_column=data_args.text_column,
+            block_size=data_args.block_size,
+        )
+        if isinstance(dataset, IterableDataset):
+            blocks = dataset.map(pack, batched=True, batch_size=_TOKENIZE_BATCH, remove_columns=_columns(dataset))
+        else:
+            blocks = dataset.map(
+                pack,
+                batched=True,
+                batch_size=_TOKENIZE_BATCH,
+                remove_columns=dataset.column_names,
+                num_proc=data_args.preprocessing_num_workers,
+                load_from_cache_file=not data_args.overwrite_cache,
+                # An explicit fingerprint: hashing the tokenizer object is unstable across runs (its truncation
+                # and padding state changes once it has been called), which would silently defeat the cache.
+                new_fingerprint=Hasher.hash(
+                    [dataset._fingerprint, _tokenizer_digest(tokenizer), data_args.text_column, data_args.block_size]
+                ),
+                desc=f"Tokenising and packing {split} into blocks of {data_args.block_size}",
+            )
+            if len(blocks) == 0:
+                tokens = sum(len(ids) for ids in tokenizer(list(dataset[data_args.text_column]))["input_ids"])
+                raise ValueError(
+                    f"the {split} split has {tokens} tokens, fewer than one block of block_size="
+                    f"{data_args.block_size}: lower block_size or give more text."
+                )
+        limit = data_args.max_train_blocks if split == "train" else data_args.max_eval_samples
+        if limit is not None:
+            blocks = blocks.take(limit) if isinstance(blocks, IterableDataset) else blocks.select(range(min(limit, len(blocks))))
+        packed[split] = blocks
+    return type(raw)(packed)
+
+
+def _tokenize_and_pack(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerFast, text_column: str, block_size: int
+) -> dict[str, list[list[int]]]:
+    """One `map` batch: tokenise each document, append eos, concatenate, cut into full blocks."""
+    stream = []
+    for ids in tokenizer(batch[text_column])["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    n_blocks = len(stream) // block_size  # the tail shorter than a block is dropped, never padded
+    blocks = [stream[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
+    return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+
+def _tokenizer_digest(tokenizer: PreTrainedTokenizerFast) -> str:
+    """A hash of the tokenizer's vocabulary, merges and normalisation, ignoring its call-time state."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def _write_builtin_corpus(name: str, text_column: str) -> Path:
+    """The built-in corpus as a JSON-lines file in the `datasets` cache, so `load_dataset` caches it like any file.
+
+    The file name carries a hash of the text (it differs between Python versions); writing goes through a temporary
+    file and a rename, so processes that start together never read half a file.
+    """
+    documents = BUILTIN_CORPORA[name]()
+    lines = "".join(json.dumps({text_column: document}) + "\n" for document in documents)
+    digest = hashlib.sha256(lines.encode()).hexdigest()[:16]
+    path = Path(datasets.config.HF_DATASETS_CACHE) / "hf_matta_corpora" / f"{name}-{digest}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(lines)
+        os.replace(tmp, path)
+    return path
+
+
+def _hold_out_validation(
+    train: Dataset | IterableDataset, data_args: DataArguments, seed: int
+) -> DatasetDict | IterableDatasetDict:
+    """Split documents into train and validation: a seeded random share, or the first N of a stream."""
+    if isinstance(train, IterableDataset):
+        n = data_args.streaming_validation_documents
+        return IterableDatasetDict({"train": train.skip(n), "validation": train.take(n)})
+    if len(train) < 2:
+        raise ValueError(
+            f"{_describe_source(data_args)} has {len(train)} document(s): too few to hold out a validation split; "
+            "give a validation_file or set validation_split_percentage=0."
+        )
+    split = train.train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
+    return DatasetDict({"train": split["train"], "validation": split["test"]})
+
+
+def _check_text_column(dataset: Dataset | IterableDataset, text_column: str, source: str) -> None:
+    columns = _columns(dataset)
+    if text_column not in columns:
+        raise ValueError(f"text_column={text_column!r} is not a column of {source}; its columns are {columns}.")
+
+
+def _check_not_empty(dataset: Dataset, text_column: str, source: str) -> None:
+    for batch in dataset.iter(batch_size=_TOKENIZE_BATCH):  # stops at the first batch with text
+        if any(text and text.strip() for text in batch[text_column]):
+            return
+    raise ValueError(f"{source} holds no text ({len(dataset)} rows, all empty); give a corpus with text in it.")
+
+
+def _columns(dataset: Dataset | IterableDataset) -> list[str]:
+    """Column names; a stream without declared features reveals them from its first row."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first: Iterator = iter(dataset)
+    return list(next(first, {}))
+
+
+def _describe_source(data_args: DataArguments) -> str:
+    if data_args.dataset_name is not None:
+        return f"dataset_name={data_args.dataset_name!r}"
+    if data_args.builtin_corpus is not None:
+        return f"builtin_corpus={data_args.builtin_corpus!r}"
+    return f"train_file={data_args.train_file!r}"
+
+
+__all__ = [
+    "BUILTIN_CORPORA",
+    "DataArguments",
+    "check_block_size",
+    "load_corpus",
+    "load_or_train_tokenizer",
+    "tokenize_and_pack",
+    "train_bpe_tokenizer",
+]
