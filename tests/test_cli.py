@@ -1,4 +1,4 @@
-"""The `hf-matta` command line: `plans` and `extract`, in-process through main([...]) and once as the console script."""
+"""The `hf-matta` command line: `plans` and `extract` in-process through main([...]), once as the console script."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_matta.cli import main, parse_budget
+from hf_matta.cli import load_heldout_blocks, main, parse_budget
 from hf_matta.extract import mix_n_match
 from hf_matta.widths import count_parameters, format_plan, plan_name
 
@@ -105,7 +105,10 @@ BAD_ARGUMENTS = {
         ["extract", "{model}", "--budgets", "10K", "--out", "{out}"],
         ["budget 10,000", "below the smallest student", "21,552 to 30,912"],
     ),
-    "budget-above-ta": (["plans", "{model}", "--budgets", "1M", "--strategy", "block"], ["budget 1,000,000", "30,912"]),
+    "budget-above-ta": (
+        ["plans", "{model}", "--budgets", "1M", "--strategy", "block"],
+        ["budget 1,000,000", "above the TA", "30,912"],
+    ),
     "budget-unparsable": (["plans", "{model}", "--budgets", "10Q"], ["'10Q'", "10M"]),
     "search-without-data": (["plans", "{model}", "--strategy", "search"], ["--data"]),
     "not-a-folder": (["plans", "{out}/missing"], ["missing", "not a folder"]),
@@ -145,4 +148,21 @@ def test_console_script(model_dir):
         [str(script), "plans", str(model_dir), "--budgets", "27K", "--strategy", "block"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True,
     )  # fmt: skip
-    assert table_rows(result.stdout) == [["27,000", "32x2,64", "26,752", "-"]]
+    assert table_rows(result.stdout) == [["27,000", "32,64,32", "26,752", "-"]]
+
+
+def test_plans_measure_on_text_through_the_data_pipeline(trained, model_dir, tmp_path, capsys):
+    """A text file is tokenised with MODEL_DIR's tokenizer and packed as hf_matta.data packs training text."""
+    lines = ["the quick brown fox jumps over the lazy dog.", "pack my box with five dozen liquor jugs!"] * 4
+    path = tmp_path / "heldout.txt"
+    path.write_text("\n".join(lines) + "\n")
+    tokenizer = char_tokenizer()
+    blocks = load_heldout_blocks(str(path), tokenizer, block_size=16, max_blocks=4)
+    stream = [token for line in lines for token in [*tokenizer(line)["input_ids"], tokenizer.eos_token_id]]
+    assert blocks.tolist() == [stream[i : i + 16] for i in range(0, 4 * 16, 16)]
+
+    argv = ["plans", str(model_dir), "--data", str(path), "--block-size", "16", "--max-blocks", "4"]
+    assert main([*argv, "--strategy", "block"]) == 0
+    expected = mix_n_match(trained, "block", input_ids=blocks)
+    rows = table_rows(capsys.readouterr().out)
+    assert [row[-1] for row in rows] == [f"{point.val_loss:.4f}" for point in expected]

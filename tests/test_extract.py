@@ -241,11 +241,24 @@ def test_uniform_plans_are_every_granularity(trained):
     assert chosen == [(16,) * 3, (16,) * 3, (32,) * 3, (64,) * 3]
 
 
-def test_block_plans_widen_a_block_of_last_layers(trained):
+BLOCKS = {  # n_layer: the block plans between granularities 1 and 2 (1 = narrow, 2 = wide), then the full model
+    3: [(1, 1, 1), (1, 2, 1), (1, 2, 2)],
+    4: [(1, 1, 1, 1), (1, 1, 2, 1), (1, 2, 2, 1), (1, 2, 2, 2)],
+    5: [(1, 1, 1, 1, 1), (1, 1, 2, 1, 1), (1, 1, 2, 2, 1), (1, 2, 2, 2, 1), (1, 2, 2, 2, 2)],
+}
+
+
+@pytest.mark.parametrize("n_layer, expected", BLOCKS.items())
+def test_block_plans_widen_a_centred_block(n_layer, expected):
+    config = MatGPT2Config(**tiny_kwargs(n_layer=n_layer), mat_widths=[1, 2])
+    assert block_plans(config) == [*expected, (2,) * n_layer]
+
+
+def test_block_plans_fit_budgets(trained):
     config = trained.config
     plans = block_plans(config)
     assert plans == [
-        (16, 16, 16), (16, 16, 32), (16, 32, 32), (32, 32, 32), (32, 32, 64), (32, 64, 64), (64, 64, 64),
+        (16, 16, 16), (16, 32, 16), (16, 32, 32), (32, 32, 32), (32, 64, 32), (32, 64, 64), (64, 64, 64),
     ]  # fmt: skip
     counts = [count_parameters(config, plan) for plan in plans]
     assert counts == sorted(counts) and len(set(counts)) == len(counts)

@@ -77,20 +77,20 @@ def uniform_plans(config: MatGPT2Config) -> list[tuple[int, ...]]:
 
 
 def block_plans(config: MatGPT2Config) -> list[tuple[int, ...]]:
-    """Mix'n'Match plans with one contiguous block of wider layers (the shape of Gemma 3n's block-level configs).
+    """Mix'n'Match plans with one contiguous block of wider layers in the middle of the network, ascending in size.
 
-    Between two consecutive uniform plans `lo` and `hi`, the block of the last `k` layers takes `hi`'s widths and the
-    layers before it keep `lo`'s, for k = 0 .. n_layer - 1. The block sits at the end so that width never shrinks
-    with depth and the plan changes granularity once (MatFormer found slowly varying granularities on the Pareto
-    front), and so that each plan contains the previous one: a larger budget only widens more layers. `search`
-    measures instead of assuming where width helps most.
+    Between two consecutive uniform plans `lo` and `hi`, a block of `k` layers takes `hi`'s widths and the others keep
+    `lo`'s, for k = 0 .. n_layer - 1. The block is centred (starting at layer ceil((n_layer - k) / 2)), the shape of
+    Gemma 3n's block-level Mix'n'Match configs: its E2.49B slice of the 35-layer E4B widens layers 20-24 only, an
+    interior block, not the first or last layers. A centred block grows outwards, so each plan contains the previous
+    one and a larger budget only widens more layers. `search` measures where width helps instead of assuming it.
     """
-    levels = uniform_plans(config)
-    plans = [
-        lo[: config.n_layer - k] + hi[config.n_layer - k :]
-        for lo, hi in zip(levels, levels[1:])
-        for k in range(config.n_layer)
-    ]
+    n_layer, levels = config.n_layer, uniform_plans(config)
+    plans = []
+    for lo, hi in zip(levels, levels[1:]):
+        for k in range(n_layer):
+            start = (n_layer - k + 1) // 2
+            plans.append(lo[:start] + hi[start : start + k] + lo[start + k :])
     return [*plans, levels[-1]]
 
 
