@@ -195,8 +195,8 @@ def mix_n_match(
 
     Args:
         model: the nested model; a config is enough for `uniform` and `block` without `input_ids`.
-        strategy: `uniform` (every granularity in all layers), `block` (a contiguous block of the last layers one
-            granularity wider, see `hf_matta.widths.block_plans`) or `search` (see `search_plans`; needs `input_ids`).
+        strategy: `uniform` (every granularity in all layers), `block` (a centred block of layers one granularity
+            wider, see `hf_matta.widths.block_plans`) or `search` (see `search_plans`; needs `input_ids`).
         budgets: parameter budgets; each gets the strategy's largest plan that fits. Without budgets, every plan of
             the strategy is returned, ascending in parameters (for `search`, its whole path).
         input_ids: held-out token blocks (N, T) to measure the validation loss on.
