@@ -70,7 +70,8 @@ def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
         choices=STRATEGIES,
         default="uniform",
         help="How budgets become plans: uniform (every layer at one granularity; the students are stock GPT-2), "
-        "block (a centred block of layers one granularity wider) or search (greedy, measured on --data). Default: uniform.",
+        "block (a centred block of layers one granularity wider) or search (greedy, measured on --data). "
+        "Default: uniform.",
     )
     parser.add_argument(
         "--data",
