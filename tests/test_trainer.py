@@ -1,9 +1,37 @@
 """MatTATrainingArguments and MatTATrainer on tiny in-process models (CPU, seconds)."""
 
-import pytest
-from transformers import HfArgumentParser
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, PreTrainedTokenizerFast, TrainingArguments
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from hf_matta import MatGPT2Config, MatGPT2LMHeadModel
+from hf_matta.trainer import PREEMPTED_EXIT_STATUS, MatTATrainer
 from hf_matta.training_args import MatTATrainingArguments
+
+from .conftest import VOCAB, tiny_kwargs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run several times faster on one thread when the 2 cores are shared (measured: 2.8 s vs 16 s for
+    the 30-step run under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _args(tmp_path, **overrides) -> MatTATrainingArguments:
@@ -56,3 +84,256 @@ def test_arguments_parse_from_the_command_line(tmp_path):
 def test_distill_weight_ramps_linearly(tmp_path, warmup, step, expected):
     args = _args(tmp_path, distill_weight=2.0, distill_warmup_steps=warmup)
     assert args.distill_weight_at(step, num_training_steps=100) == pytest.approx(expected)
+
+
+# ---- MatTATrainer ----
+
+MODULUS = 40  # the toy language: each token is the previous one plus one, modulo MODULUS
+
+
+def _sequences(n: int, min_len: int = 16, max_len: int = 16, seed: int = 0) -> list[dict]:
+    """`n` counting sequences of random start and length: trivially learnable, so losses fall within steps."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
+        start = int(torch.randint(0, MODULUS, (1,), generator=generator))
+        rows.append({"input_ids": [(start + i) % MODULUS for i in range(length)]})
+    return rows
+
+
+def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: pad id 0, attention mask 0, label -100."""
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        attention_mask[i, : len(row["input_ids"])] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _student(seed: int = 0, widths=(16, 32, 64)) -> MatGPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return MatGPT2LMHeadModel(MatGPT2Config(**tiny_kwargs(mat_widths=list(widths))))
+
+
+@pytest.fixture(scope="module")
+def teacher() -> GPT2LMHeadModel:
+    """A tiny GPT-2 that has learnt the toy language (40 Adam steps)."""
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(GPT2Config(**tiny_kwargs()))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(40):
+        batch = _collate(_sequences(8, seed=100 + step))
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def _trainer(tmp_path, model=None, teacher=None, data=None, **overrides) -> MatTATrainer:
+    defaults = dict(
+        per_device_train_batch_size=4, max_steps=30, learning_rate=1e-2, logging_steps=5, save_strategy="no",
+        seed=0, disable_tqdm=True, lr_scheduler_type="constant",
+    )
+    return MatTATrainer(
+        model=_student() if model is None else model,
+        args=_args(tmp_path, **{**defaults, **overrides}),
+        train_dataset=_sequences(32) if data is None else data,
+        eval_dataset=_sequences(8, seed=1),
+        data_collator=_collate,
+        teacher_model=copy.deepcopy(teacher),
+    )
+
+
+TERMS = ["loss", "loss_student", "loss_ta", "loss_distill", "loss_w32", "loss_distill_w32", "distill_weight"]
+
+
+def test_short_run_lowers_student_and_ta_and_logs_every_term(tmp_path, teacher):
+    trainer = _trainer(tmp_path, teacher=teacher, extra_widths="all", teacher_weight=0.5, distill_warmup_steps=10)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [5, 10, 15, 20, 25, 30]
+    for entry in logs:
+        assert set(TERMS) <= entry.keys(), entry
+    first, last = logs[0], logs[-1]
+    assert last["loss_student"] < 0.7 * first["loss_student"]
+    assert last["loss_ta"] < 0.7 * first["loss_ta"]
+    # w_D ramps over 10 steps: steps 0..4 average 0.2, from step 10 on it is 1
+    assert first["distill_weight"] == pytest.approx(0.2) and last["distill_weight"] == 1.0
+    metrics = trainer.evaluate()
+    for width in (16, 32, 64):
+        assert metrics[f"eval_ppl_w{width}"] == pytest.approx(math.exp(metrics[f"eval_loss_w{width}"]))
+    assert metrics["eval_loss_w64"] < math.log(VOCAB)
+    # the teacher stayed frozen and is saved nowhere
+    assert not trainer.teacher.training
+    for name, parameter in trainer.teacher.named_parameters():
+        assert not parameter.requires_grad and torch.equal(parameter, teacher.state_dict()[name])
+    trainer.save_model(str(tmp_path / "final"))
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert set(saved) <= set(trainer.model.state_dict())
+
+
+GA_CASES = [  # MatTA settings that every micro-batch split must leave unchanged
+    dict(),
+    dict(extra_widths="all", teacher_weight=0.5, distill_temperature=2.0),
+    dict(detach_ta_targets=False, teacher_weight=1.0, loss_chunk_size=0),
+]
+
+
+@pytest.mark.parametrize("settings", GA_CASES)
+def test_gradient_accumulation_does_not_change_the_step(tmp_path, teacher, settings):
+    data = _sequences(8, min_len=3, max_len=16, seed=3)  # padded: micro-batches hold different token counts
+    params = {}
+    for batch, accumulation in ((8, 1), (4, 2)):
+        trainer = _trainer(
+            tmp_path / f"ga{accumulation}", teacher=teacher, data=data, optim="sgd", learning_rate=0.5, max_steps=1,
+            max_grad_norm=0.0,  # clipping would hide a scale error, as Adam's normalisation would
+            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **settings,
+        )
+        trainer.train()
+        params[accumulation] = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    initial = dict(_student().named_parameters())
+    assert any(not torch.allclose(params[1][name], initial[name]) for name in initial)
+    for name in params[1]:
+        torch.testing.assert_close(params[2][name], params[1][name], atol=1e-5, rtol=0)
+
+
+def test_step_loss_is_gpt2s_own_loss_without_teacher_or_ta(tmp_path):
+    """One granularity and no teacher: the objective is GPT-2's loss, normalised by Trainer's token count."""
+    model = _student(widths=(64,))
+    trainer = _trainer(tmp_path, model=model)
+    batch = _collate(_sequences(4, min_len=3, max_len=12, seed=5))
+    _, num_items = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
+    torch.testing.assert_close(loss, model(**batch).loss)
+
+
+def _final_params(trainer: MatTATrainer, **train_kwargs) -> dict[str, torch.Tensor]:
+    trainer.train(**train_kwargs)
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+RESUME_CASES = [
+    dict(),  # Trainer's own AdamW
+    dict(width_schedule="sample_one", extra_widths="sample", distill_warmup_steps=4),
+]
+
+
+@pytest.mark.parametrize("settings", RESUME_CASES)
+def test_resume_is_bit_exact(tmp_path, teacher, settings):
+    n = 3
+    common = dict(teacher=teacher, max_steps=2 * n, save_strategy="steps", save_steps=n, **settings)
+    uninterrupted = _final_params(_trainer(tmp_path / "a", **common))
+    checkpoint = tmp_path / "a" / f"checkpoint-{n}"
+    resumed = _final_params(_trainer(tmp_path / "b", **common), resume_from_checkpoint=str(checkpoint))
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), name
+    assert set(load_file(str(checkpoint / "model.safetensors"))) <= set(uninterrupted)  # no teacher inside
+
+
+SIGTERM_SCRIPT = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.test_trainer import _trainer
+from transformers import TrainerCallback
+
+class Preempt(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+trainer = _trainer({out!r}, max_steps=1000)
+trainer.add_callback(Preempt())
+trainer.train()
+print("training went on after SIGTERM")
+"""
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
+    root = str(Path(__file__).resolve().parents[1])
+    script = SIGTERM_SCRIPT.format(root=root, out=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == PREEMPTED_EXIT_STATUS, result.stderr[-2000:]
+    assert "training went on" not in result.stdout
+    checkpoint = tmp_path / "checkpoint-4"  # the step in flight when the signal came finishes first
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def _tokenizer(order: list[int]) -> PreTrainedTokenizerFast:
+    vocab = {f"t{i}": rank for rank, i in enumerate(order)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")))
+
+
+BAD_INPUTS = [  # (builder of MatTATrainer kwargs, exception, text the error must hold)
+    (lambda tmp_path: dict(model=GPT2LMHeadModel(GPT2Config(**tiny_kwargs())), args=_args(tmp_path)),
+     TypeError, "MatTATrainer trains a MatGPT2LMHeadModel, got GPT2LMHeadModel"),
+    (lambda tmp_path: dict(model=_student(), args=TrainingArguments(str(tmp_path))),
+     TypeError, "needs MatTATrainingArguments"),
+    (lambda tmp_path: dict(model=_with(_student(), student_width=24), args=_args(tmp_path)),
+     ValueError, r"student_width=24 is not one of the model's granularities mat_widths=\[16, 32, 64\]"),
+    (lambda tmp_path: dict(model=MatGPT2LMHeadModel(MatGPT2Config(**tiny_kwargs(n_inner=[64, 32]))),
+                               args=_args(tmp_path)),
+     ValueError, r"n_inner=\[64, 32\] differs between layers"),
+    (lambda tmp_path: dict(model=_student(), args=_args(tmp_path),
+                               teacher_model=GPT2LMHeadModel(GPT2Config(**tiny_kwargs(vocab_size=100)))),
+     ValueError, "teacher's vocab_size=100 differs from the student's vocab_size=99"),
+    (lambda tmp_path: dict(model=_student(), args=_args(tmp_path), processing_class=_tokenizer(list(range(99))),
+                               teacher_model=GPT2LMHeadModel(GPT2Config(**tiny_kwargs())),
+                               teacher_processing_class=_tokenizer([1, 0, *range(2, 99)])),
+     ValueError, "teacher's tokenizer differs from the student's"),
+]
+
+
+def _with(model, **config):
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    return model
+
+
+@pytest.mark.parametrize("build,exception,message", BAD_INPUTS)
+def test_bad_inputs_fail_at_construction(tmp_path, build, exception, message):
+    with pytest.raises(exception, match=message):
+        MatTATrainer(train_dataset=_sequences(4), data_collator=_collate, **build(tmp_path))
+
+
+def test_shampoo_with_deepspeed_fails_at_construction(tmp_path, monkeypatch):
+    # TrainingArguments(deepspeed=...) sets ACCELERATE_USE_DEEPSPEED: registering it here makes monkeypatch undo it
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533",
+               ACCELERATE_USE_DEEPSPEED="false")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    deepspeed = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+    try:
+        with pytest.raises(ValueError, match="optimizer='shampoo' cannot run under DeepSpeed ZeRO"):
+            args = _args(tmp_path, optimizer="shampoo", deepspeed=deepspeed)
+            MatTATrainer(model=_student(), args=args, train_dataset=_sequences(4), data_collator=_collate)
+    finally:  # DeepSpeed's process group and accelerate's state are process-wide: later trainers must not see them
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_teacher_from_a_path_or_a_peft_adapter(tmp_path, teacher):
+    teacher.save_pretrained(tmp_path / "base")
+    lora = get_peft_model(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+        LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False, fan_in_fan_out=True),
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    input_ids = torch.randint(0, VOCAB, (2, 8))
+    expected = {"base": teacher(input_ids).logits, "adapter": lora.eval()(input_ids).logits}
+    assert not torch.allclose(expected["base"], expected["adapter"], atol=1e-4)
+    for source in ("base", "adapter"):
+        trainer = MatTATrainer(
+            model=_student(), args=_args(tmp_path, teacher_model_name_or_path=str(tmp_path / source)),
+            train_dataset=_sequences(4), data_collator=_collate,
+        )
+        assert isinstance(trainer.teacher, GPT2LMHeadModel)  # the adapter is merged
+        torch.testing.assert_close(trainer._teacher_logits({"input_ids": input_ids}), expected[source])

@@ -145,10 +145,10 @@ def _weighted_terms(
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens, or None for no chunking.")
     if num_items is None:
         num_items = count_valid_tokens(labels).clamp(min=1)
-    vocab = next(z for z in logits if z is not None).size(-1)
-    flat = [None if z is None else z.reshape(-1, vocab) for z in logits]  # (n, V) views
-    targets = shift_labels(labels).reshape(-1).to(flat[0].device)  # (n,)
-    dtype = torch.promote_types(flat[0].dtype, torch.float32)
+    first = next(z for z in logits if z is not None)
+    flat = [None if z is None else z.reshape(-1, first.size(-1)) for z in logits]  # (n, V) views
+    targets = shift_labels(labels).reshape(-1).to(first.device)  # (n,)
+    dtype = torch.promote_types(first.dtype, torch.float32)
     weights = torch.tensor(weights, dtype=dtype, device=targets.device)
     if chunk_size is None:
         sums = _term_sums(flat, targets, terms)
@@ -226,7 +226,7 @@ class MatTALoss:
 
 
 def matta_loss(
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | None,
     labels: torch.LongTensor,
     ta_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
@@ -245,8 +245,10 @@ def matta_loss(
     `extra_logits` (trained as a student of the TA), w_S target(z_w) + w_D KL_tauD(sg(z_A) || z_w).
 
     Logits are `(..., T, V)`, all on the same tokens; `labels` `(..., T)` unshifted. A model whose logits are None
-    takes no part: no TA means no TA and no distillation terms, no teacher means gamma = 0. A zero weight removes
-    its term from the total (and from the gradient) but the term is still reported when its logits were given.
+    takes no part: no TA means no TA and no distillation terms, no teacher means gamma = 0, no student means no
+    student terms (a step that trains the TA or an extra width alone, as MatFormer's sampled schedule does).
+    A zero weight removes its term from the total (and from the gradient) but the term is still reported when its
+    logits were given.
     `detach_ta_targets=False` lets the distillation gradient reach the TA.
     """
     extra_logits = dict(extra_logits or {})
@@ -261,7 +263,8 @@ def matta_loss(
             distill = _Term(model=model, target=1, temperature=distill_temperature, detach_target=detach_ta_targets)
             groups["distill" if name == "student" else f"distill_{name}"] = (distill_weight, [distill])
 
-    add_student("student", 0)
+    if student_logits is not None:
+        add_student("student", 0)
     if ta_logits is not None:
         groups["ta"] = (ta_weight, _target_terms(1, teacher, teacher_weight, teacher_temperature))
     for index, width in enumerate(extra_logits, start=3):

@@ -1,0 +1,423 @@
+"""`MatTATrainer`: Transformers' Trainer running the MatTA step. It orchestrates; the maths is in `hf_matta.losses`.
+
+One optimizer step, on every micro-batch: the frozen teacher's forward under `no_grad`, the TA's at full width, the
+student's at `config.student_width` and the extra widths' per `args.extra_widths`, then one backward of
+`hf_matta.losses.matta_loss`. Every term is a mean over the valid tokens of the whole optimizer step (Trainer's
+`num_items_in_batch`, counted over gradient-accumulation micro-batches and data-parallel processes), so the gradient
+does not depend on how the step is split.
+
+Every term is logged on its own (`loss_student`, `loss_ta`, `loss_distill`, `loss_w{w}` for extra widths, and
+`distill_weight`, the w_D(t) in force), averaged over the logging window as Trainer's `loss`; evaluation adds the
+cross-entropy and perplexity of every granularity (`eval_loss_w{w}`, `eval_ppl_w{w}`).
+
+A SIGTERM during training (preemption) finishes the current optimizer step, saves a checkpoint and exits the process
+with status 143 (128 + SIGTERM); `resume_from_checkpoint` continues bit-exactly.
+
+```python
+>>> args = MatTATrainingArguments(output_dir="out", teacher_model_name_or_path="gpt2-xl", max_steps=1000)
+>>> trainer = MatTATrainer(model=MatGPT2LMHeadModel.from_gpt2("gpt2-medium", [4096, 8192]), args=args,
+...                        train_dataset=train, eval_dataset=valid, data_collator=collator, processing_class=tok)
+>>> trainer.train()
+```
+"""
+
+import copy
+import math
+import os
+import random
+import signal
+import threading
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from transformers.utils import logging
+from transformers.utils.peft_utils import find_adapter_config_file
+
+from .losses import MatTALoss, count_valid_tokens, cross_entropy, matta_loss
+from .models.matgpt2 import MatGPT2LMHeadModel
+from .training_args import SHAMPOO_OPTIMIZERS, MatTATrainingArguments
+
+
+logger = logging.get_logger(__name__)
+
+PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
+
+
+def load_teacher(name_or_path: str) -> PreTrainedModel:
+    """The teacher named by a path or Hub id; a PEFT adapter is loaded onto its base model and merged into it."""
+    if find_adapter_config_file(name_or_path) is not None:
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(name_or_path).merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(name_or_path)
+
+
+def _load_tokenizer(name_or_path: str):
+    """The tokenizer saved with a model, or None when that folder or repo holds none."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+
+
+class _TermWindow:
+    """Sums of the logged terms over the optimizer steps since the last log, and in how many steps each appeared."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps: dict[str, int] = {}
+        self.last_step: dict[str, int] = {}
+
+    def add(self, step: int, name: str, value: torch.Tensor, once_per_step: bool = False) -> None:
+        """Add a micro-batch's share of a term (`once_per_step`: a per-step value, added at its first micro-batch)."""
+        new_step = self.last_step.get(name) != step
+        if new_step or not once_per_step:
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+        if new_step:
+            self.steps[name] = self.steps.get(name, 0) + 1
+            self.last_step[name] = step
+
+    def pop_means(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """Each term's mean per optimizer step, `reduce`d (averaged) over processes; the window starts again."""
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        sums = reduce(torch.stack([self.sums[name] for name in names])).tolist()
+        means = {name: total / self.steps[name] for name, total in zip(names, sums)}
+        self.sums, self.steps, self.last_step = {}, {}, {}
+        return means
+
+
+class _PreemptionCallback(TrainerCallback):
+    """On SIGTERM during training: finish the optimizer step, save a checkpoint and stop (all processes agree)."""
+
+    def __init__(self, any_process: Callable[[bool], bool]):
+        self.any_process = any_process
+        self.received = False
+        self.preempted = False
+        self._previous_handler = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = self.preempted = False
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.any_process(self.received):
+            logger.warning(f"SIGTERM received: saving a checkpoint at step {state.global_step} and stopping.")
+            self.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+
+class MatTATrainer(Trainer):
+    """Trainer for a nested `MatGPT2LMHeadModel`: TA, student and extra widths in one step, with an optional
+    frozen teacher (`teacher_model`, or `args.teacher_model_name_or_path`).
+
+    Args (besides [`Trainer`]'s):
+        args: a [`MatTATrainingArguments`].
+        teacher_model: the teacher, an instance; it is frozen, put in eval mode, placed and (under DeepSpeed or
+            FSDP) prepared by the trainer, and never saved with the student.
+        teacher_processing_class: the teacher's tokenizer, checked against `processing_class` at start (loaded
+            from `args.teacher_model_name_or_path` when the teacher is loaded from there).
+
+    A model with a single granularity (student width = full width) has no TA: the trainer then trains the student
+    alone, or distils the teacher into it, the baselines MatTA is compared with.
+    """
+
+    # The loss is already a mean over the tokens of the whole optimizer step: Trainer must not divide it again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: MatGPT2LMHeadModel | None = None,
+        args: MatTATrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        teacher_model: PreTrainedModel | None = None,
+        teacher_processing_class=None,
+        **kwargs,
+    ):
+        if not isinstance(args, MatTATrainingArguments):
+            raise TypeError(f"MatTATrainer needs MatTATrainingArguments, got {type(args).__name__}.")
+        self._check_model(model)
+        self._config = model.config
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if args.optimizer in SHAMPOO_OPTIMIZERS and self.is_deepspeed_enabled:
+            raise ValueError(
+                f"optimizer={args.optimizer!r} cannot run under DeepSpeed ZeRO, which flattens parameters while "
+                "Shampoo needs each parameter's shape: use DDP or FSDP (use_orig_params), or optimizer='adamw'."
+            )
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"n_gpu={args.n_gpu}: MatTATrainer does not run under torch.nn.DataParallel; launch one process per "
+                "device with `accelerate launch` or `torchrun` (DDP)."
+            )
+        # MatGPT2's loss shifts the labels, so Trainer must count `num_items_in_batch` over `labels[..., 1:]`; it
+        # cannot tell from the model (GPT-2's `loss_type` is None), and would count one token too many per row.
+        self._loss_shifts_labels = True
+        if teacher_model is None and args.teacher_model_name_or_path is not None:
+            teacher_model = load_teacher(args.teacher_model_name_or_path)
+            if teacher_processing_class is None:
+                teacher_processing_class = _load_tokenizer(args.teacher_model_name_or_path)
+        if teacher_model is not None:
+            self._check_teacher(teacher_model, teacher_processing_class)
+            teacher_model.eval().requires_grad_(False)
+        self.teacher = teacher_model
+        self._teacher_prepared = False
+        self._window = _TermWindow()
+        self._eval_sums: dict[int, torch.Tensor] = {}
+        self._preemption = _PreemptionCallback(self._any_process)
+        self.add_callback(self._preemption)
+
+    # ---- start-up checks (before any step) ----
+
+    @staticmethod
+    def _check_model(model) -> None:
+        """The student must be a uniform nested MatGPT2 whose student width is one of its granularities."""
+        if not isinstance(model, MatGPT2LMHeadModel):
+            raise TypeError(
+                f"MatTATrainer trains a MatGPT2LMHeadModel, got {type(model).__name__}: build one with "
+                "MatGPT2LMHeadModel(MatGPT2Config(...)) or MatGPT2LMHeadModel.from_gpt2(...)."
+            )
+        config = model.config
+        if not config.is_uniform:
+            raise ValueError(
+                f"n_inner={config.n_inner} differs between layers (an extracted Mix'n'Match model): MatTATrainer "
+                "trains a uniform nested model, whose full width is the TA's."
+            )
+        if config.student_width not in config.mat_widths:
+            raise ValueError(
+                f"student_width={config.student_width} is not one of the model's granularities "
+                f"mat_widths={config.mat_widths}; set config.student_width to one of them."
+            )
+
+    def _check_teacher(self, teacher: nn.Module, teacher_tokenizer) -> None:
+        """Teacher and student must share the vocabulary: same size, and the same tokens when both tokenizers are
+        known."""
+        student_vocab, teacher_vocab = self._config.vocab_size, teacher.config.vocab_size
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"The teacher's vocab_size={teacher_vocab} differs from the student's vocab_size={student_vocab}: "
+                "distillation compares their distributions token by token, so both must use the same tokenizer."
+            )
+        if teacher_tokenizer is None or self.processing_class is None:
+            return
+        student_tokens = self.processing_class.get_vocab()
+        teacher_tokens = teacher_tokenizer.get_vocab()
+        if student_tokens != teacher_tokens:
+            differing = sorted(set(student_tokens.items()) ^ set(teacher_tokens.items()))[:3]
+            raise ValueError(
+                f"The teacher's tokenizer differs from the student's (processing_class): ({len(teacher_tokens)} vs "
+                f"{len(student_tokens)} tokens; e.g. (token, id) {differing} are in one only). Use the same tokenizer "
+                "for both."
+            )
+
+    # ---- the step ----
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """`hf_matta.optim.build_optimizer` when `args.optimizer` is set, else Trainer's own `optim`."""
+        if self.args.optimizer is None:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            from .optim import build_optimizer
+
+            self.optimizer = build_optimizer(self.model if model is None else model, self.args)
+        return self.optimizer
+
+    def _teacher_logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher logits `(B, T, V)` under `no_grad`. The teacher is prepared at its first use, once the student's
+        own DeepSpeed/FSDP preparation has run (DeepSpeed's "auto" values are then filled in)."""
+        if not self._teacher_prepared:
+            self.teacher = self._prepare_teacher(self.teacher)
+            self._teacher_prepared = True
+        with torch.no_grad():
+            return self.teacher(**inputs, use_cache=False).logits
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """Place the teacher: a DeepSpeed inference engine (sharded under ZeRO-3, else replicated), FSDP-wrapped
+        under FSDP, else moved to the training device."""
+        if self.is_deepspeed_enabled:
+            import deepspeed
+
+            config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            if config.get("zero_optimization", {}).get("stage") != 3:
+                config["zero_optimization"] = {"stage": 0}
+            config.pop("optimizer", None)
+            config.pop("scheduler", None)
+            engine, *_ = deepspeed.initialize(model=teacher, config=config)
+            return engine.eval()
+        if self.is_fsdp_enabled:
+            return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher.to(self.args.device)
+
+    def _granularities(self, evaluating: bool) -> tuple[list[int], bool]:
+        """The widths trained this step (student and extra widths, ascending) and whether the TA is trained.
+
+        Sampling is seeded by (seed, global step): every micro-batch and every process of a step draws the same
+        widths, and a resumed run draws what the uninterrupted one drew.
+        """
+        args, config = self.args, self._config
+        ta_width = config.mat_widths[-1]
+        extras = [width for width in config.mat_widths if config.student_width < width < ta_width]
+        if args.extra_widths == "none":
+            extras = []
+        rng = random.Random(f"{args.seed}:{self.state.global_step}")
+        if args.extra_widths == "sample" and extras and not evaluating:
+            extras = [rng.choice(extras)]
+        students = [config.student_width, *extras]
+        ta_trained = config.student_width != ta_width and args.ta_weight > 0
+        if args.width_schedule == "sample_one" and not evaluating:
+            chosen = rng.choice([*students, *([ta_width] if ta_trained else [])])
+            return ([] if chosen == ta_width else [chosen]), chosen == ta_width
+        return students, ta_trained
+
+    def matta_loss(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, torch.Tensor],
+        num_items: torch.Tensor | int | None = None,
+        evaluating: bool = False,
+    ) -> tuple[MatTALoss, dict[int, torch.Tensor]]:
+        """Run this step's forwards and return `(MatTALoss, logits (B, T, V) by width)`; `num_items` defaults to
+        this batch's valid-token count. `evaluating` runs every granularity and term, with no sampling."""
+        args, config = self.args, self._config
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(
+                f"The batch has no `labels` (keys: {sorted(inputs)}): MatTATrainer needs them, e.g. from "
+                "DataCollatorForLanguageModeling(tokenizer, mlm=False), or labels = input_ids."
+            )
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        students, ta_trained = self._granularities(evaluating)
+        ta_width = config.mat_widths[-1]
+        has_ta = config.student_width != ta_width  # with a single granularity the student is the whole model
+        distill_weight = args.distill_weight_at(self.state.global_step, self.state.max_steps)
+        logits: dict[int, torch.Tensor] = {}
+        for width in students:
+            logits[width] = model(**model_inputs, ffn_widths=width, use_cache=False).logits  # (B, T, V)
+        run_ta = ta_trained or (has_ta and students and (args.distill_weight > 0 or evaluating))
+        if run_ta:
+            # A TA that is only a detached distillation target needs no graph.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (ta_trained or not args.detach_ta_targets)):
+                logits[ta_width] = model(**model_inputs, use_cache=False).logits
+        teacher_logits = None
+        if self.teacher is not None and args.teacher_weight > 0:
+            teacher_logits = self._teacher_logits(model_inputs)
+        student_logits = logits.get(config.student_width) if config.student_width in students else None
+        loss = matta_loss(
+            student_logits,
+            labels,
+            ta_logits=logits.get(ta_width) if run_ta else None,
+            teacher_logits=teacher_logits,
+            extra_logits={width: logits[width] for width in students if width != config.student_width},
+            student_weight=args.student_weight,
+            ta_weight=args.ta_weight if ta_trained else 0.0,
+            distill_weight=distill_weight,
+            distill_temperature=args.distill_temperature,
+            teacher_weight=args.teacher_weight,
+            teacher_temperature=args.teacher_temperature,
+            detach_ta_targets=args.detach_ta_targets,
+            num_items=num_items,
+            chunk_size=args.loss_chunk_size or None,
+        )
+        return loss, logits
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The MatTA objective of this micro-batch, normalised by the valid tokens of the whole optimizer step
+        (`num_items_in_batch`) and recorded term by term for logging."""
+        loss, logits = self.matta_loss(model, inputs, num_items=num_items_in_batch)
+        total, terms = loss.total, loss.terms
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts the tokens of every process, and DDP averages gradients over processes.
+            scale = self.accelerator.num_processes
+            total = total * scale
+            terms = {name: value * scale for name, value in terms.items()}
+        if model.training:
+            step = self.state.global_step
+            for name, value in terms.items():
+                self._window.add(step, f"loss_{name}", value)
+            distill_weight = self.args.distill_weight_at(step, self.state.max_steps)
+            self._window.add(step, "distill_weight", torch.tensor(distill_weight, device=total.device), True)
+        if return_outputs:
+            return total, {"loss": total, "logits": logits.get(self._config.student_width)}
+        return total
+
+    # ---- logging and evaluation ----
+
+    def _any_process(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (a collective: every process calls it)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.args.device), "sum") > 0)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's log; a training log (one with `loss`) also gets every term's mean over the logging window."""
+        if "loss" in logs:
+            logs = {**logs, **self._window.pop_means(lambda sums: self.accelerator.reduce(sums, "mean"))}
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The objective on an evaluation batch (every term at once), plus the cross-entropy sum and token count of
+        every granularity, accumulated for `eval_loss_w{w}` and `eval_ppl_w{w}`."""
+        inputs = self._prepare_inputs(inputs)
+        config = self._config
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, logits = self.matta_loss(model, inputs, evaluating=True)
+            labels = inputs["labels"]
+            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            for width in config.mat_widths:
+                width_logits = logits.get(width)
+                if width_logits is None:
+                    width_logits = model(**model_inputs, ffn_widths=width, use_cache=False).logits
+                ce_sum = cross_entropy(width_logits, labels, num_items=1, chunk_size=self.args.loss_chunk_size or None)
+                sums = torch.stack([ce_sum, count_valid_tokens(labels).to(ce_sum)])
+                self._eval_sums[width] = self._eval_sums.get(width, 0.0) + sums
+        if prediction_loss_only:
+            return loss.total, None, None
+        return loss.total, logits[config.student_width], labels
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Trainer's loop, whose metrics also hold the loss and perplexity of every granularity (token-weighted
+        over all processes)."""
+        self._eval_sums = {}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        for width, sums in sorted(self._eval_sums.items()):
+            ce_sum, tokens = self.accelerator.reduce(sums, "sum").tolist()
+            loss = ce_sum / max(tokens, 1)
+            output.metrics[f"{metric_key_prefix}_loss_w{width}"] = loss
+            output.metrics[f"{metric_key_prefix}_ppl_w{width}"] = math.exp(min(loss, 100.0))
+        self._eval_sums = {}
+        return output
+
+    def train(self, *args, **kwargs):
+        """Trainer's train; after a SIGTERM it has saved a checkpoint, and the process exits with status 143."""
+        output = super().train(*args, **kwargs)
+        if self._preemption.preempted:
+            raise SystemExit(PREEMPTED_EXIT_STATUS)
+        return output
+
+
+__all__ = ["MatTATrainer", "load_teacher"]
