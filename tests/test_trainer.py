@@ -211,27 +211,30 @@ def test_step_loss_is_gpt2s_own_loss_without_teacher_or_ta(tmp_path):
     torch.testing.assert_close(loss, model(**batch).loss)
 
 
-def _final_params(trainer: MatTATrainer, **train_kwargs) -> dict[str, torch.Tensor]:
-    trainer.train(**train_kwargs)
-    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-
-
-RESUME_CASES = [
-    dict(),  # Trainer's own AdamW
-    dict(width_schedule="sample_one", extra_widths="sample", distill_warmup_steps=4),
+RESUME_CASES = [  # (settings, the optimizer class that must run)
+    (dict(), "AdamW"),  # Trainer's own `optim`
+    (dict(width_schedule="sample_one", extra_widths="sample", distill_warmup_steps=4), "AdamW"),
+    (dict(optimizer="adamw"), "AdamW"),  # hf_matta.optim's
+    # preconditioners computed at steps 2 and 4, on both sides of the checkpoint
+    (dict(optimizer="shampoo", precondition_frequency=2, start_preconditioning_step=2), "ScalableShampoo"),
+    (dict(optimizer="soap"), "SOAP"),
 ]
 
 
-@pytest.mark.parametrize("settings", RESUME_CASES)
-def test_resume_is_bit_exact(tmp_path, teacher, settings):
+@pytest.mark.parametrize("settings,optimizer", RESUME_CASES)
+def test_resume_is_bit_exact(tmp_path, teacher, settings, optimizer):
     n = 3
     common = dict(teacher=teacher, max_steps=2 * n, save_strategy="steps", save_steps=n, **settings)
-    uninterrupted = _final_params(_trainer(tmp_path / "a", **common))
+    trainers = {"uninterrupted": _trainer(tmp_path / "a", **common), "resumed": _trainer(tmp_path / "b", **common)}
     checkpoint = tmp_path / "a" / f"checkpoint-{n}"
-    resumed = _final_params(_trainer(tmp_path / "b", **common), resume_from_checkpoint=str(checkpoint))
-    for name, value in uninterrupted.items():
+    trainers["uninterrupted"].train()
+    trainers["resumed"].train(resume_from_checkpoint=str(checkpoint))
+    resumed = dict(trainers["resumed"].model.named_parameters())
+    for name, value in trainers["uninterrupted"].model.named_parameters():
         assert torch.equal(resumed[name], value), name
-    assert set(load_file(str(checkpoint / "model.safetensors"))) <= set(uninterrupted)  # no teacher inside
+    built = trainers["resumed"].optimizer.optimizer  # inside accelerate's wrapper
+    assert optimizer in [cls.__name__ for cls in type(built).__mro__]
+    assert set(load_file(str(checkpoint / "model.safetensors"))) <= set(resumed)  # no teacher inside
 
 
 SIGTERM_SCRIPT = """
