@@ -136,8 +136,7 @@ def test_shampoo_blocks_align_to_nested_widths(align, fc_splits, wte_splits, inp
     assert optimizer.state[model.transformer.wte.weight]["pre_conditioner"].partitioner.split_sizes == wte_splits
 
 
-@pytest.mark.parametrize("grafting", ["adam", "sgd", "none"])
-@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("grafting, align", [("adam", True), ("sgd", False), ("none", False)])
 def test_shampoo_resumes_from_a_weights_only_checkpoint(grafting, align, input_ids, tmp_path):
     """Trainer's resume: save the state, torch.load(weights_only=True) into a fresh optimizer, continue bit-exactly."""
     args = make_args(optimizer="shampoo", grafting=grafting, align_blocks_to_widths=align, max_preconditioner_dim=64)
@@ -151,7 +150,11 @@ def test_shampoo_resumes_from_a_weights_only_checkpoint(grafting, align, input_i
     resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
 
     steps = DEFAULTS["precondition_frequency"] + 1  # crosses a preconditioner update
-    assert train(resumed_model, resumed, input_ids, steps) == train(model, optimizer, input_ids, steps)
+    # ScalableShampoo's power iteration draws from the global RNG; Trainer restores it on resume, so do the same.
+    torch.manual_seed(1)
+    continued = train(model, optimizer, input_ids, steps)
+    torch.manual_seed(1)
+    assert train(resumed_model, resumed, input_ids, steps) == continued
     for param, resumed_param in zip(model.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(resumed_param, param, rtol=0, atol=0)
 
