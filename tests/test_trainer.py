@@ -22,16 +22,7 @@ from hf_matta.trainer import PREEMPTED_EXIT_STATUS, MatTATrainer
 from hf_matta.training_args import MatTATrainingArguments
 
 from .conftest import VOCAB, tiny_kwargs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run several times faster on one thread when the 2 cores are shared (measured: 2.8 s vs 16 s for
-    the 30-step run under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .test_losses import _one_thread  # noqa: F401 (an autouse fixture)
 
 
 def _args(tmp_path, **overrides) -> MatTATrainingArguments:
@@ -199,6 +190,48 @@ def test_gradient_accumulation_does_not_change_the_step(tmp_path, teacher, setti
     assert any(not torch.allclose(params[1][name], initial[name]) for name in initial)
     for name in params[1]:
         torch.testing.assert_close(params[2][name], params[1][name], atol=1e-5, rtol=0)
+
+
+DDP_SCRIPT = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.test_trainer import _data_parallel_trainer
+trainer = _data_parallel_trainer({out!r}, batch=4)
+trainer.train()
+if trainer.args.process_index == 0:
+    assert trainer.args.world_size == 2
+    torch.save(dict(trainer.model.named_parameters()), os.path.join({out!r}, "params.pt"))
+sys.stdout.flush()
+os._exit(0)  # torch.distributed's CPU teardown sometimes aborts after a clean run
+"""
+
+
+def _data_parallel_trainer(out, batch: int) -> MatTATrainer:
+    """One SGD step on 8 padded sequences, with every term on: the data-parallel test's run."""
+    torch.manual_seed(1)
+    teacher = GPT2LMHeadModel(GPT2Config(**tiny_kwargs()))
+    return _trainer(
+        out, teacher=teacher, data=_sequences(8, min_len=3, max_len=16, seed=3), optim="sgd", learning_rate=0.5,
+        max_steps=1, max_grad_norm=0.0, per_device_train_batch_size=batch, extra_widths="all", teacher_weight=0.5,
+    )
+
+
+@pytest.mark.slow  # about 30 s: two processes start torch and transformers
+def test_data_parallelism_does_not_change_the_step(tmp_path):
+    """2 processes x 4 sequences (DDP over gloo) take the step that 1 process x 8 sequences takes."""
+    root = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=root, out=str(tmp_path)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data_parallel = torch.load(tmp_path / "params.pt")
+    trainer = _data_parallel_trainer(tmp_path / "single", batch=8)
+    trainer.train()
+    for name, value in trainer.model.named_parameters():
+        torch.testing.assert_close(data_parallel[name], value.detach(), atol=1e-5, rtol=0)
 
 
 def test_step_loss_is_gpt2s_own_loss_without_teacher_or_ta(tmp_path):

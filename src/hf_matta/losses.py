@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: (1024, 50257) fp32 is 0.2 GB per intermediate
+DEFAULT_CHUNK_SIZE = 512  # tokens per chunk: about 10 (512, V) fp32 intermediates, 1 GB at GPT-2's V = 50257
 
 
 def shift_labels(labels: torch.LongTensor) -> torch.LongTensor:
@@ -64,15 +64,14 @@ def _term_sums(logits: Sequence[torch.Tensor | None], targets: torch.Tensor, ter
     Computed in fp32 at least, whatever the logits' dtype; log-softmaxes are shared between terms of one call.
     """
     valid = targets.ne(IGNORE_INDEX)  # (n,)
-    log_probs: dict[tuple[int, float, bool], torch.Tensor] = {}
+    log_probs: dict[tuple[int, float], torch.Tensor] = {}
 
-    def log_softmax(index: int, temperature: float, detach: bool = False) -> torch.Tensor:
-        key = (index, temperature, detach)
-        if key not in log_probs:
-            z = logits[index].detach() if detach else logits[index]
+    def log_softmax(index: int, temperature: float) -> torch.Tensor:
+        if (index, temperature) not in log_probs:
+            z = logits[index]
             z = z.to(torch.promote_types(z.dtype, torch.float32))
-            log_probs[key] = F.log_softmax(z / temperature, dim=-1)  # (n, V)
-        return log_probs[key]
+            log_probs[index, temperature] = F.log_softmax(z / temperature, dim=-1)  # (n, V)
+        return log_probs[index, temperature]
 
     sums = []
     for term in terms:
@@ -80,9 +79,12 @@ def _term_sums(logits: Sequence[torch.Tensor | None], targets: torch.Tensor, ter
             sums.append(F.nll_loss(log_softmax(term.model, 1.0), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
             continue
         tau = term.temperature
-        log_p = log_softmax(term.target, tau, term.detach_target)  # (n, V), the distribution taught
+        log_p = log_softmax(term.target, tau)  # (n, V), the distribution taught
+        if term.detach_target:
+            log_p = log_p.detach()
         log_q = log_softmax(term.model, tau)  # (n, V), the model that learns it
-        kl_rows = (log_p.exp() * (log_p - log_q)).sum(-1)  # (n,)
+        # kl_div keeps only its inputs for backward, where exp(log_p) * (log_p - log_q) would keep two more (n, V)
+        kl_rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (n,)
         sums.append(tau**2 * torch.where(valid, kl_rows, 0.0).sum())
     return torch.stack(sums)
 

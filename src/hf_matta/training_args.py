@@ -49,7 +49,7 @@ class MatTATrainingArguments(TrainingArguments):
         width_schedule (`str`, defaults to `"all"`): `"all"` runs every term every step; `"sample_one"` is
             MatFormer's schedule: one granularity (student, TA or a trained extra width) sampled per step, with
             only its own terms.
-        loss_chunk_size (`int`, defaults to 1024): tokens per chunk of the loss computation (memory: see
+        loss_chunk_size (`int`, defaults to 512): tokens per chunk of the loss computation (memory: see
             `hf_matta.losses`); 0 computes the loss in one piece.
         optimizer (`str`, *optional*): `"adamw"`, `"shampoo"`, `"soap"` or `"distributed_shampoo"`, built by
             `hf_matta.optim.build_optimizer`; `None` uses Trainer's own `optim`, as in Transformers.
