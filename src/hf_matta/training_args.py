@@ -57,7 +57,7 @@ class MatTATrainingArguments(TrainingArguments):
         precondition_frequency (`int`, defaults to 10): steps between preconditioner updates.
         start_preconditioning_step (`int`, defaults to 10): the step from which Shampoo preconditions (grafting
             only before it).
-        shampoo_epsilon (`float`, defaults to 1e-12): Shampoo's epsilon for the preconditioner roots.
+        shampoo_epsilon (`float`, defaults to 1e-6): Shampoo's epsilon for the preconditioner roots.
         grafting (`str`, defaults to `"adam"`): Shampoo's step-size grafting, `"adam"`, `"sgd"` or `"none"`.
         align_blocks_to_widths (`bool`, defaults to `False`): split Shampoo's blocks at the nested width boundaries,
             so the student's own neurons are preconditioned as blocks of their own.
@@ -131,7 +131,7 @@ class MatTATrainingArguments(TrainingArguments):
         default=10, metadata={"help": "Step from which Shampoo preconditions; grafting alone before it (>= 0)."}
     )
     shampoo_epsilon: float = field(
-        default=1e-12, metadata={"help": "Shampoo's epsilon for the preconditioner roots (> 0)."}
+        default=1e-6, metadata={"help": "Shampoo's epsilon for the preconditioner roots (> 0)."}
     )
     grafting: str = field(
         default="adam",
