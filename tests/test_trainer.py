@@ -208,13 +208,14 @@ os._exit(0)  # torch.distributed's CPU teardown sometimes aborts after a clean r
 """
 
 
-def _data_parallel_trainer(out, batch: int) -> MatTATrainer:
-    """One SGD step on 8 padded sequences, with every term on: the data-parallel test's run."""
+def _data_parallel_trainer(out, batch: int, **overrides) -> MatTATrainer:
+    """One SGD step on 8 padded sequences, with every term on: the run of the tests in subprocesses."""
     torch.manual_seed(1)
     teacher = GPT2LMHeadModel(GPT2Config(**tiny_kwargs()))
+    settings = dict(optim="sgd", learning_rate=0.5, max_steps=1, max_grad_norm=0.0, extra_widths="all")
     return _trainer(
-        out, teacher=teacher, data=_sequences(8, min_len=3, max_len=16, seed=3), optim="sgd", learning_rate=0.5,
-        max_steps=1, max_grad_norm=0.0, per_device_train_batch_size=batch, extra_widths="all", teacher_weight=0.5,
+        out, teacher=teacher, data=_sequences(8, min_len=3, max_len=16, seed=3), per_device_train_batch_size=batch,
+        teacher_weight=0.5, **{**settings, **overrides},
     )
 
 
@@ -232,6 +233,35 @@ def test_data_parallelism_does_not_change_the_step(tmp_path):
     trainer.train()
     for name, value in trainer.model.named_parameters():
         torch.testing.assert_close(data_parallel[name], value.detach(), atol=1e-5, rtol=0)
+
+
+DEEPSPEED_SCRIPT = """
+import os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29544")
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.test_trainer import _data_parallel_trainer
+deepspeed = {{"zero_optimization": {{"stage": {stage}}}, "train_micro_batch_size_per_gpu": "auto",
+             "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}}
+trainer = _data_parallel_trainer({out!r}, batch=4, optim="adamw_torch", max_steps=2, logging_steps=1,
+                                 deepspeed=deepspeed)
+trainer.train()
+print("TEACHER", type(trainer.teacher).__name__, sorted(trainer.state.log_history[0]))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.slow  # about 35 s each: DeepSpeed starts and builds an op on first use
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_runs_the_teacher_as_an_inference_engine(tmp_path, stage):
+    root = str(Path(__file__).resolve().parents[1])
+    script = DEEPSPEED_SCRIPT.format(root=root, out=str(tmp_path), stage=stage)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("TEACHER"))
+    assert line.startswith("TEACHER DeepSpeedEngine") and "'loss_distill'" in line and "'loss_student'" in line
 
 
 def test_step_loss_is_gpt2s_own_loss_without_teacher_or_ta(tmp_path):

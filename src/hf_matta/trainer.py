@@ -266,7 +266,8 @@ class MatTATrainer(Trainer):
             config.pop("optimizer", None)
             config.pop("scheduler", None)
             engine, *_ = deepspeed.initialize(model=teacher, config=config)
-            return engine.eval()
+            engine.eval()  # DeepSpeedEngine.eval returns None, not the module
+            return engine
         if self.is_fsdp_enabled:
             return self.accelerator.prepare_model(teacher, evaluation_mode=True)
         return teacher.to(self.args.device)
