@@ -130,6 +130,13 @@ class DataArguments:
             path = getattr(self, name)
             if path is not None and Path(path).suffix not in _LOCAL_FORMATS:
                 raise ValueError(f"{name}={path!r} has an unknown extension; use one of {sorted(_LOCAL_FORMATS)}.")
+        if self.validation_file is not None and (
+            _LOCAL_FORMATS[Path(self.validation_file).suffix] != _LOCAL_FORMATS[Path(self.train_file).suffix]
+        ):
+            raise ValueError(
+                f"validation_file={self.validation_file!r} and train_file={self.train_file!r} differ in format: "
+                "give both as text (.txt) or both as JSON lines (.jsonl)."
+            )
         if self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be at least 2 (a token and the one that follows).")
         if not 0 <= self.validation_split_percentage < 100:
