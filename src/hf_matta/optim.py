@@ -41,8 +41,8 @@ def build_optimizer(model: nn.Module, args: Any) -> torch.optim.Optimizer:
         model: the model to train; only parameters with `requires_grad` are optimised, each exactly once.
         args: `MatTATrainingArguments` or anything with its fields: `optimizer`, `learning_rate`, `weight_decay`,
             `adam_beta1`, `adam_beta2`, `adam_epsilon`, and for the Shampoo backends `max_preconditioner_dim`,
-            `precondition_frequency`, `start_preconditioning_step`, `shampoo_epsilon`, `grafting`,
-            `align_blocks_to_widths`.
+            `precondition_frequency`, `start_preconditioning_step`, `shampoo_epsilon`, `grafting`, and
+            `align_blocks_to_widths` (used by `shampoo` only).
 
     Raises:
         ValueError: an unknown optimizer or grafting name, or Shampoo settings that never precondition.
@@ -57,8 +57,8 @@ def build_optimizer(model: nn.Module, args: Any) -> torch.optim.Optimizer:
         _check_shampoo_args(args)
     block_sizes = _aligned_block_sizes(model, args) if name == "shampoo" and args.align_blocks_to_widths else {}
     groups = parameter_groups(model, args.weight_decay, block_sizes)
-    betas = (args.adam_beta1, args.adam_beta2)
     if name == "adamw":
+        betas = (args.adam_beta1, args.adam_beta2)
         return torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon)
     if name == "shampoo":
         return _build_shampoo(groups, args)
@@ -72,12 +72,12 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """Trainable parameters split into optimizer groups: decay on matrices (`dim() >= 2`), none on vectors.
 
-    `named_parameters()` yields a tied parameter once, so the tied `lm_head`/`wte` matrix is in one group once.
+    `parameters()` yields a tied parameter once, so the tied `lm_head`/`wte` matrix is in one group once.
     `block_sizes` gives some matrices their own Shampoo block size (one extra group per size); empty groups are left out.
     """
     block_sizes = block_sizes or {}
     grouped: dict[tuple[bool, int | None], list[nn.Parameter]] = {}
-    for _, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             key = (param.dim() >= 2, block_sizes.get(param))
             grouped.setdefault(key, []).append(param)
@@ -91,14 +91,10 @@ def parameter_groups(
 
 
 def _check_shampoo_args(args: Any) -> None:
-    """Range checks that DistributedShampoo makes too; raised before any state is allocated."""
+    """The grafting name (`args` need not be `MatTATrainingArguments`) and DistributedShampoo's rule tying the start
+    step to the frequency, which the arguments' own range checks leave to the optimizer."""
     if args.grafting not in GRAFTINGS:
         raise ValueError(f"grafting={args.grafting!r} is not one of {list(GRAFTINGS)}.")
-    if args.precondition_frequency < 1 or args.max_preconditioner_dim < 1:
-        raise ValueError(
-            f"precondition_frequency={args.precondition_frequency} and max_preconditioner_dim="
-            f"{args.max_preconditioner_dim} must both be >= 1."
-        )
     if args.start_preconditioning_step < args.precondition_frequency:
         # The first preconditioner is computed at step `precondition_frequency`: before it, "Shampoo" steps would
         # use identity preconditioners (a normalised gradient), not the grafted method.
@@ -169,6 +165,8 @@ def _build_shampoo(groups: list[dict[str, Any]], args: Any) -> torch.optim.Optim
         shape_interpretation=False,
         graft_type=graft_type,
         diagonal_eps=args.adam_epsilon,
+        # A ridge relative to each statistic's largest eigenvalue (DistributedShampoo's epsilon is absolute), found
+        # by a power iteration that draws from the global torch RNG (Trainer saves and restores it on resume).
         matrix_eps=args.shampoo_epsilon,
     )
 
@@ -189,7 +187,8 @@ def _build_soap(groups: list[dict[str, Any]], args: Any) -> torch.optim.Optimize
 
 
 def _build_distributed_shampoo(groups: list[dict[str, Any]], args: Any) -> torch.optim.Optimizer:
-    """facebookresearch's DistributedShampoo (single process; checkpoint it with its `distributed_state_dict`)."""
+    """facebookresearch's DistributedShampoo. Its `state_dict()` raises by design (it checkpoints through
+    `distributed_state_dict(key_to_param=model.named_parameters())`), so Trainer's own checkpoints cannot save it."""
     distributed_shampoo = _import_optional("distributed_shampoo", _DISTRIBUTED_SHAMPOO_INSTALL)
     grafting_config = {
         "adam": lambda: distributed_shampoo.AdamGraftingConfig(beta2=args.adam_beta2, epsilon=args.adam_epsilon),
