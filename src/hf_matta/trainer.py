@@ -183,6 +183,8 @@ class MatTATrainer(Trainer):
         if teacher_model is not None:
             self._check_teacher(teacher_model, teacher_processing_class)
             teacher_model.eval().requires_grad_(False)
+            if args.teacher_weight == 0:
+                logger.warning("teacher_weight=0: the teacher is never run; set teacher_weight > 0 to distil it.")
         self.teacher = teacher_model
         self._teacher_prepared = False
         self._window = _TermWindow()
@@ -255,8 +257,8 @@ class MatTATrainer(Trainer):
             return self.teacher(**inputs, use_cache=False).logits
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        """Place the teacher: a DeepSpeed inference engine (sharded under ZeRO-3, else replicated), FSDP-wrapped
-        under FSDP, else moved to the training device."""
+        """Place the teacher: a DeepSpeed inference engine (sharded under ZeRO-3, else replicated), sharded under
+        FSDP1, else moved to the training device."""
         if self.is_deepspeed_enabled:
             import deepspeed
 
@@ -268,9 +270,11 @@ class MatTATrainer(Trainer):
             engine, *_ = deepspeed.initialize(model=teacher, config=config)
             engine.eval()  # DeepSpeedEngine.eval returns None, not the module
             return engine
-        if self.is_fsdp_enabled:
-            return self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        return teacher.to(self.args.device)
+        if self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
+            # FSDP1 shards it like the student (TRL does the same for its reference models)
+            return self.accelerator.prepare_model(teacher).eval()
+        # Placed, replicated on every process; under FSDP2 too, which accelerate prepares only with an optimizer.
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _granularities(self, evaluating: bool) -> tuple[list[int], bool]:
         """The widths trained this step (student and extra widths, ascending) and whether the TA is trained.
