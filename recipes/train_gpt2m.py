@@ -342,6 +342,8 @@ def _summary(trainer, config, data_args, config_path, train_metrics, final_metri
             }
             for name, width in widths.items()
         },
+        "distributed_type": str(trainer.accelerator.distributed_type.value),
+        "processes": trainer.accelerator.num_processes,
         "teacher_ppl": math.exp(teacher_metrics["eval_loss"]) if "eval_loss" in teacher_metrics else None,
         "train_loss": train_metrics.get("train_loss"),
         "steps": state.global_step,
@@ -364,7 +366,8 @@ def _format_summary(summary: dict) -> str:
     if summary["teacher_ppl"] is not None:
         lines.append(f"  {'teacher (after pre-training)':<30}{'':>10}{ppl(summary['teacher_ppl'])}")
     lines += [
-        f"steps {summary['steps']}, {summary['train_tokens']:,} tokens in {summary['train_seconds']:.1f} s "
+        f"steps {summary['steps']} on {summary['processes']} process(es) ({summary['distributed_type']}), "
+        f"{summary['train_tokens']:,} tokens in {summary['train_seconds']:.1f} s "
         f"({summary['tokens_per_second']:,.0f} tokens/s); whole run {summary['total_seconds']:.1f} s",
         f"final train loss {summary['train_loss']:.4f}",
         f"nested model and tokenizer saved to {summary['checkpoint']}",
