@@ -22,16 +22,6 @@ from .conftest import VOCAB, tiny_kwargs
 B, T = 3, 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run several times faster on one thread when the 2 cores are shared (measured under load: these
-    tests 13 s vs 39 s; the 30-step trainer run 2.8 s vs 16 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _logits(n: int = 1, dtype=torch.float64) -> list[torch.Tensor]:
     return [torch.randn(B, T, VOCAB, dtype=dtype, requires_grad=True) for _ in range(n)]
 

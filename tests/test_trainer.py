@@ -22,7 +22,6 @@ from hf_matta.trainer import PREEMPTED_EXIT_STATUS, MatTATrainer
 from hf_matta.training_args import MatTATrainingArguments
 
 from .conftest import VOCAB, tiny_kwargs
-from .test_losses import _one_thread  # noqa: F401 (an autouse fixture)
 
 
 def _args(tmp_path, **overrides) -> MatTATrainingArguments:

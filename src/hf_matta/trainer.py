@@ -173,9 +173,6 @@ class MatTATrainer(Trainer):
                 f"n_gpu={args.n_gpu}: MatTATrainer does not run under torch.nn.DataParallel; launch one process per "
                 "device with `accelerate launch` or `torchrun` (DDP)."
             )
-        # MatGPT2's loss shifts the labels, so Trainer must count `num_items_in_batch` over `labels[..., 1:]`; it
-        # cannot tell from the model (GPT-2's `loss_type` is None), and would count one token too many per row.
-        self._loss_shifts_labels = True
         if teacher_model is None and args.teacher_model_name_or_path is not None:
             teacher_model = load_teacher(args.teacher_model_name_or_path)
             if teacher_processing_class is None:

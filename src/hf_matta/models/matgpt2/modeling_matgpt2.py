@@ -167,6 +167,9 @@ class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
         GPT2PreTrainedModel.__init__(self, config)  # GPT2LMHeadModel.__init__ would build a GPT2Model
         self.transformer = MatGPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # The class name matches no loss in transformers' LOSS_MAPPING (GPT-2's neither). Naming it tells Trainer
+        # that the loss shifts labels, so `num_items_in_batch` counts `labels[..., 1:]`, one token fewer per row.
+        self.loss_type = "ForCausalLM"
         self.post_init()
 
     def forward(
