@@ -206,7 +206,8 @@ def pretrain_teacher(
     path: str,
 ) -> dict:
     """Train a plain GPT-2 on the training blocks with Transformers' own Trainer and save it (with the tokenizer)."""
-    if training_args.deepspeed or training_args.fsdp:
+    sharded_by_launcher = any(os.environ.get(f"ACCELERATE_USE_{name}") == "true" for name in ("DEEPSPEED", "FSDP"))
+    if training_args.deepspeed or training_args.fsdp or sharded_by_launcher:
         raise ValueError(
             f"teacher {path!r} does not exist and would be pre-trained here, which runs without DeepSpeed/FSDP: "
             "pre-train it first with a plain or DDP launch of this recipe (it is cached), then relaunch."
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with training_args.main_process_first(desc="tokenizer and dataset preparation"):
         raw = load_corpus(data_args, seed=training_args.seed)
-        if Path(model_args.tokenizer_name_or_path).exists() or model_args.model_name_or_path is None:
+        if model_args.model_name_or_path is None:  # from scratch: a saved tokenizer, or a BPE trained on the corpus
             tokenizer = load_or_train_tokenizer(
                 model_args.tokenizer_name_or_path, raw["train"], data_args.text_column, model_args.tokenizer_vocab_size
             )

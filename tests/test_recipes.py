@@ -213,3 +213,35 @@ def test_two_process_deepspeed_zero2_completes(cached_teacher, datasets_cache):
     assert (summary["steps"], summary["processes"], summary["distributed_type"]) == (2, 2, "DEEPSPEED")
     assert all(row["end_loss"] is not None for row in summary["widths"].values())
     assert MatGPT2LMHeadModel.from_pretrained(summary["checkpoint"]).config.mat_widths == [32, 64]
+
+
+@pytest.mark.parametrize("name, argv", [("tiny_cpu.yaml", []), ("gpt2m.yaml", ["--bf16", "false"])])  # bf16: GPU
+def test_recipe_configs_parse(name, argv):
+    model_args, data_args, training_args, _ = recipe.parse_args(["--config", str(REPO / "recipes/configs" / name), *argv])
+    assert model_args.mat_widths[-1] == 2 * model_args.student_width
+    assert training_args.teacher_model_name_or_path is not None
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type, zero_stage",
+    [
+        ("single_gpu.yaml", "NO", None),
+        ("multi_gpu.yaml", "MULTI_GPU", None),
+        ("fsdp.yaml", "FSDP", None),
+        ("deepspeed_zero2.yaml", "DEEPSPEED", 2),
+        ("deepspeed_zero3.yaml", "DEEPSPEED", 3),
+    ],
+)
+def test_accelerate_configs_load(name, distributed_type, zero_stage):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "recipes/accelerate" / name))
+    assert config.distributed_type.value == distributed_type
+    if distributed_type == "FSDP":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True
+        assert hasattr(sys.modules["hf_matta.models.matgpt2.modeling_matgpt2"],
+                       config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    if zero_stage is not None:
+        deepspeed = json.loads((REPO / config.deepspeed_config["deepspeed_config_file"]).read_text())
+        assert deepspeed["zero_optimization"]["stage"] == zero_stage
+        assert deepspeed["train_micro_batch_size_per_gpu"] == deepspeed["gradient_accumulation_steps"] == "auto"

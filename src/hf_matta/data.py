@@ -24,7 +24,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from datasets.fingerprint import Hasher
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's only special token: document separator, bos, eos and unk at once
@@ -201,14 +201,15 @@ def load_corpus(data_args: DataArguments, seed: int = 42) -> DatasetDict | Itera
 
 def load_or_train_tokenizer(
     path: str | os.PathLike, corpus: Dataset | IterableDataset, text_column: str, vocab_size: int
-) -> PreTrainedTokenizerFast:
-    """The tokenizer saved at `path`, or a ByteLevel BPE trained on `corpus` and saved there (seconds on 0.5 MB).
+) -> PreTrainedTokenizerBase:
+    """The tokenizer saved at `path` (any kind `AutoTokenizer` reads, e.g. GPT-2's `vocab.json` + `merges.txt`), or
+    a ByteLevel BPE trained on `corpus` and saved there (seconds on 0.5 MB).
 
     A saved one is reused as it is: delete the folder to train a new one (for example after changing the corpus).
     """
     path = Path(path)
-    if (path / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(path)
+    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return AutoTokenizer.from_pretrained(path)
     tokenizer = train_bpe_tokenizer((row[text_column] for row in corpus), vocab_size)
     tokenizer.save_pretrained(path)
     return tokenizer
