@@ -5,7 +5,8 @@ Launch:
 
     # the paper-scale run: student gpt2-medium, TA with 2x FFN, teacher gpt2-xl, Shampoo, web text from the Hub
     accelerate launch recipes/train_gpt2m.py --config recipes/configs/gpt2m.yaml
-    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/train_gpt2m.py --config recipes/configs/gpt2m.yaml
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/train_gpt2m.py \
+        --config recipes/configs/gpt2m.yaml
 
     # the embedded offline default (recipes/configs/tiny_cpu.yaml): a few minutes on 2 CPU cores, no network
     python recipes/train_gpt2m.py
@@ -357,15 +358,15 @@ def _summary(trainer, config, data_args, config_path, train_metrics, final_metri
 
 
 def _format_summary(summary: dict) -> str:
-    def ppl(value):
+    def cell(value: float | None) -> str:
         return f"{value:10.2f}" if value is not None else f"{'-':>10}"
 
-    lines = ["", "=== MatTA summary ===", f"{'validation perplexity':<32}{'start':>10}{'end':>10}"]
+    lines = ["", "=== MatTA summary ===", f"{'validation':<40}{'ppl start':>10}{'ppl end':>10}{'loss end':>10}"]
     for name, row in summary["widths"].items():
         label = f"{name} (FFN {row['ffn_width']}, {row['parameters'] / 1e6:.2f}M params)"
-        lines.append(f"  {label:<30}{ppl(row['start_ppl'])}{ppl(row['end_ppl'])}")
+        lines.append(f"  {label:<38}{cell(row['start_ppl'])}{cell(row['end_ppl'])}{cell(row['end_loss'])}")
     if summary["teacher_ppl"] is not None:
-        lines.append(f"  {'teacher (after pre-training)':<30}{'':>10}{ppl(summary['teacher_ppl'])}")
+        lines.append(f"  {'teacher (after its pre-training)':<38}{'':>10}{cell(summary['teacher_ppl'])}")
     lines += [
         f"steps {summary['steps']} on {summary['processes']} process(es) ({summary['distributed_type']}), "
         f"{summary['train_tokens']:,} tokens in {summary['train_seconds']:.1f} s "

@@ -11,7 +11,7 @@ from hf_matta import data
 from hf_matta.data import DataArguments, check_block_size, load_corpus, load_or_train_tokenizer, tokenize_and_pack
 
 
-DOCUMENTS = [f"Document {i} says: the quick brown fox jumps over the lazy dog {i} times." * (1 + i % 3) for i in range(40)]
+DOCUMENTS = [f"Document {i}: the quick brown fox jumps over the lazy dog {i} times. " * (1 + i % 3) for i in range(40)]
 
 
 @pytest.fixture(autouse=True)
@@ -156,8 +156,10 @@ def test_invalid_arguments(kwargs, error, match):
         (None, dict(), FileNotFoundError, r"train file '.*missing\.txt' does not exist"),
         ("", dict(), ValueError, r"train file '.*corpus\.txt' is empty"),
         ("\n  \n\n", dict(), ValueError, r"holds no text"),
-        ('{"content": "hello"}\n', dict(suffix=".jsonl"), ValueError, r"text_column='text' is not a column .*\['content'\]"),
-        ("far too short\n", dict(block_size=64, validation_split_percentage=0), ValueError, r"has \d+ tokens, fewer than one block of block_size=64"),
+        ('{"content": "hi"}\n', dict(suffix=".jsonl"), ValueError,
+         r"text_column='text' is not a column .*\['content'\]"),
+        ("far too short\n", dict(block_size=64, validation_split_percentage=0), ValueError,
+         r"has \d+ tokens, fewer than one block of block_size=64"),
     ],
 )
 def test_bad_input_is_named_before_training(tmp_path, tokenizer, content, kwargs, error, match):

@@ -90,6 +90,15 @@ def test_config_file_then_command_line(tmp_path):
     assert recipe.parse_args(["--config", str(json_config)])[0].mat_widths == [8, 16]
 
 
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for field in ("--config ", "--teacher_pretrain_config", "--validation_split_percentage", "--distill_weight"):
+        assert field in shown
+
+
 def test_no_arguments_is_the_tiny_cpu_default():
     model_args, data_args, training_args, path = recipe.parse_args([])
     assert path.name == "tiny_cpu.yaml"
@@ -217,7 +226,8 @@ def test_two_process_deepspeed_zero2_completes(cached_teacher, datasets_cache):
 
 @pytest.mark.parametrize("name, argv", [("tiny_cpu.yaml", []), ("gpt2m.yaml", ["--bf16", "false"])])  # bf16: GPU
 def test_recipe_configs_parse(name, argv):
-    model_args, data_args, training_args, _ = recipe.parse_args(["--config", str(REPO / "recipes/configs" / name), *argv])
+    config = str(REPO / "recipes/configs" / name)
+    model_args, data_args, training_args, _ = recipe.parse_args(["--config", config, *argv])
     assert model_args.mat_widths[-1] == 2 * model_args.student_width
     assert training_args.teacher_model_name_or_path is not None
 

@@ -80,7 +80,7 @@ class DataArguments:
     validation_split_percentage: float = field(
         default=5.0,
         metadata={
-            "help": "Share of the training documents (in %) held out for validation when there is no validation "
+            "help": "Percentage of the training documents held out for validation when there is no validation "
             "file or split. 0 disables validation."
         },
     )
@@ -121,9 +121,13 @@ class DataArguments:
                 f"train_file (local .txt/.jsonl) or builtin_corpus ({sorted(BUILTIN_CORPORA)})."
             )
         if self.builtin_corpus is not None and self.builtin_corpus not in BUILTIN_CORPORA:
-            raise ValueError(f"builtin_corpus={self.builtin_corpus!r} is unknown; choose one of {sorted(BUILTIN_CORPORA)}.")
+            raise ValueError(
+                f"builtin_corpus={self.builtin_corpus!r} is unknown; choose one of {sorted(BUILTIN_CORPORA)}."
+            )
         if self.streaming and self.dataset_name is None:
-            raise ValueError("streaming=True streams a Hub dataset: set dataset_name, or drop streaming for local files.")
+            raise ValueError(
+                "streaming=True streams a Hub dataset: set dataset_name, or drop streaming for local files."
+            )
         if self.validation_file is not None and self.train_file is None:
             raise ValueError(f"validation_file={self.validation_file!r} needs a train_file next to it.")
         for name in ("train_file", "validation_file"):
@@ -279,7 +283,10 @@ def tokenize_and_pack(
                 )
         limit = data_args.max_train_blocks if split == "train" else data_args.max_eval_samples
         if limit is not None:
-            blocks = blocks.take(limit) if isinstance(blocks, IterableDataset) else blocks.select(range(min(limit, len(blocks))))
+            if isinstance(blocks, IterableDataset):
+                blocks = blocks.take(limit)
+            else:
+                blocks = blocks.select(range(min(limit, len(blocks))))
         packed[split] = blocks
     return type(raw)(packed)
 
