@@ -113,6 +113,16 @@ def test_tokenizer_is_trained_once_then_reused(tmp_path, corpus_file, monkeypatc
     assert reused.get_vocab() == trained.get_vocab()
 
 
+def test_dataset_with_its_own_splits_keeps_train_and_validation(tmp_path):
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    for split, rows in {"train": DOCUMENTS[:30], "validation": DOCUMENTS[30:35], "test": DOCUMENTS[35:]}.items():
+        write_jsonl(folder / f"{split}.jsonl", [{"text": doc} for doc in rows])
+    raw = load_corpus(DataArguments(dataset_name=str(folder)))
+    assert sorted(raw) == ["train", "validation"]  # the test split is never tokenised
+    assert list(raw["validation"]["text"]) == DOCUMENTS[30:35]
+
+
 def test_streamed_dataset_holds_out_its_first_documents(tmp_path, tokenizer):
     folder = tmp_path / "hub_like"
     folder.mkdir()

@@ -195,7 +195,9 @@ def load_corpus(data_args: DataArguments, seed: int = 42) -> DatasetDict | Itera
         raw = load_dataset(builder, data_files=data_files)
     if "train" not in raw:
         raise ValueError(f"dataset {data_args.dataset_name!r} has no 'train' split, only {sorted(raw)}.")
-    _check_text_column(raw["train"], data_args.text_column, source=_describe_source(data_args))
+    raw = type(raw)({split: raw[split] for split in ("train", "validation") if split in raw})  # no "test" etc.
+    for dataset in raw.values():
+        _check_text_column(dataset, data_args.text_column, source=_describe_source(data_args))
     if "validation" not in raw and data_args.validation_split_percentage > 0:
         raw = _hold_out_validation(raw["train"], data_args, seed)
     if not data_args.streaming:
