@@ -60,12 +60,12 @@ SETTINGS = {
     "smallest": dict(
         vocab=1024, block=64, batch=8, steps=250, n_layer=4, n_embd=64, n_head=4, student_ffn=128, ta_ratio=4,
         teacher="n_layer=4,n_embd=128,n_head=4", teacher_steps=500, trials=3, seeds=3, mnm_seeds=1,
-        budget_multipliers=[3],
+        budget_multipliers=[3], shampoo_block=128,
     ),
     "small": dict(
         vocab=2048, block=128, batch=16, steps=600, n_layer=4, n_embd=128, n_head=4, student_ffn=256, ta_ratio=4,
         teacher="n_layer=6,n_embd=256,n_head=8", teacher_steps=1200, trials=6, seeds=3, mnm_seeds=2,
-        budget_multipliers=[2, 4],
+        budget_multipliers=[2, 4], shampoo_block=256,
     ),
 }  # fmt: skip
 VALIDATION_PERCENT = 15
@@ -117,6 +117,7 @@ def _training_args(run: dict, out_dir: Path):
         teacher_temperature=hp.get("teacher_temperature", 1.0), distill_weight=hp.get("distill_weight", 1.0),
         distill_warmup_steps=hp.get("distill_warmup_steps", 0.0),
         distill_temperature=hp.get("distill_temperature", 1.0), detach_ta_targets=hp.get("detach", True),
+        max_preconditioner_dim=run.get("shampoo_block", 1024),
     )  # fmt: skip
     return MatTATrainingArguments(**fields)
 
@@ -145,10 +146,11 @@ def _separate_ta_class():
             super().__init__(config)
             self.separate_ta = MatGPT2LMHeadModel(ta_config)
 
-        def forward(self, input_ids=None, ffn_widths=None, **kwargs):
+        def forward(self, input_ids=None, labels=None, ffn_widths=None, **kwargs):
+            # The signature names `labels`: Trainer drops the batch keys that forward's signature does not name.
             if ffn_widths is None or ffn_widths == self.config.mat_widths[-1]:
-                return self.separate_ta(input_ids, **kwargs)
-            return super().forward(input_ids, ffn_widths=ffn_widths, **kwargs)
+                return self.separate_ta(input_ids, labels=labels, **kwargs)
+            return super().forward(input_ids, labels=labels, ffn_widths=ffn_widths, **kwargs)
 
     return SeparateTAModel
 
@@ -285,6 +287,8 @@ class Runner:
             self.base, kind=kind, hp=hp, seed=seed, optimizer=optimizer, steps=steps or self.setting["steps"],
             widths=widths, teacher=self.setting["teacher"], **extra,
         )  # fmt: skip
+        if optimizer == "shampoo":
+            run["shampoo_block"] = self.setting["shampoo_block"]
         identity = {k: v for k, v in run.items() if k not in ("threads", "work", "teacher_dir")}
         run["key"] = f"{kind}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}"
         return run
@@ -427,9 +431,42 @@ def main(argv: list[str] | None = None) -> None:
     report.mix_n_match(results, groups["mnm_kd"], S, ta_width, args.plot)
     report.budgets(groups["budget"], results["budget"], results, S)
     report.claims()
-    args.out.write_text(report.text())
+    write_section(args.out, f"quality --setting {args.setting}", report.text())
     print(report.text())
     print(f"written to {args.out} ({elapsed / 60:.1f} min)")
+
+
+def provenance(script: str, seconds: float, parallelism: str) -> list[str]:
+    """Markdown lines: when, at which commit, on what machine, with which exact command a result was made."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", script, "src"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return [
+        f"Written by `{script}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC in {seconds / 60:.1f} min; "
+        "do not edit by hand. Command:",
+        "",
+        f"    .venv/bin/python {script} {' '.join(sys.argv[1:])}".rstrip(),
+        "",
+        f"- Commit {commit.stdout.strip()}{' with uncommitted changes to the script or src/' if dirty else ''}; "
+        f"torch {torch.__version__}; {os.cpu_count()} CPU cores ({cpu}), {platform.platform()}; {parallelism}; "
+        f"load average at the end {os.getloadavg()[0]:.1f}.",
+    ]
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put `text` into the markdown file `path` between markers named `name`, replacing that section if present
+    and leaving the rest of the file (other sections, prose) as it is."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    current = path.read_text() if path.is_file() else "# Benchmark results\n\n"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        current = current.rstrip("\n") + "\n\n" + block
+    path.write_text(current)
 
 
 class Report:
@@ -437,27 +474,12 @@ class Report:
 
     def __init__(self, setting, args, blocks, teacher_result, elapsed):
         self.setting, self.lines, self.verdicts = setting, [], []
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "benchmarks/quality.py", "src"], cwd=ROOT, capture_output=True,
-            text=True,
-        ).stdout.strip()  # fmt: skip
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
-        )
         tokens = setting["steps"] * setting["batch"] * setting["block"]
         s = setting
         self.lines += [
-            "# Quality benchmark results",
+            f"## Quality: `quality.py --setting {args.setting}`",
             "",
-            f"Written by `benchmarks/quality.py` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; do not "
-            "edit by hand. Command:",
-            "",
-            f"    .venv/bin/python benchmarks/quality.py {' '.join(sys.argv[1:])}".rstrip(),
-            "",
-            f"- Commit {commit.stdout.strip()}{' (with local changes to the benchmark or src/)' if dirty else ''}; "
-            f"torch {torch.__version__}; {os.cpu_count()} CPU cores ({cpu}), {platform.platform()}; {args.jobs} jobs "
-            f"x {args.threads} thread(s); {elapsed / 60:.1f} min.",
+            *provenance("benchmarks/quality.py", elapsed, f"{args.jobs} jobs x {args.threads} thread(s)"),
             f"- Corpus: `pydoc_data.topics` (Python {platform.python_version()}), ByteLevel BPE of {s['vocab']} "
             f"tokens, blocks of {s['block']}: {len(blocks['train'])} training blocks "
             f"({blocks['train'].numel():,} tokens), {len(blocks['tune'])} tune and {len(blocks['test'])} test blocks "
@@ -473,7 +495,7 @@ class Report:
 
     def tuning(self, name, settings, results, width, best):
         keys = list(settings[0])
-        self.lines += [f"## Tuning: {name} ({len(settings)} trials, seed 0, student tune-split ppl)", ""]
+        self.lines += [f"### Tuning: {name} ({len(settings)} trials, seed 0, student tune-split ppl)", ""]
         self.lines += ["| " + " | ".join(keys) + " | tune ppl | |", "|" + "---|" * (len(keys) + 2)]
         for hp, result in zip(settings, results):
             mark = "chosen" if hp == best else ""
@@ -492,7 +514,7 @@ class Report:
             ("MatTA TA", ta_width, [_student(r, ta_width) for r in results["matta"]]),
             ("TA-size model alone (CE)", ta_width, [_student(r, ta_width) for r in results["ta_alone"]]),
         ]
-        self.lines += ["## Main comparison (AdamW)", "", "| model | FFN | params | test ppl | per seed |", "|---|---|---|---|---|"]
+        self.lines += ["### Main comparison (AdamW)", "", "| model | FFN | params | test ppl | per seed |", "|---|---|---|---|---|"]
         for name, width, values in rows:
             params = count_parameters(_model_config(self.setting, [width]), width)
             self.lines.append(
@@ -515,7 +537,7 @@ class Report:
         base = statistics.mean(math.log(v) for v in cells[("KD", "AdamW")])
         gain = {key: base - statistics.mean(math.log(v) for v in values) for key, values in cells.items()}
         self.lines += [
-            "## {KD, MatTA} x {AdamW, Shampoo} (student test ppl)",
+            "### {KD, MatTA} x {AdamW, Shampoo} (student test ppl)",
             "",
             "| | AdamW | Shampoo |",
             "|---|---|---|",
@@ -538,7 +560,7 @@ class Report:
     def sharing(self, results, S, ta_width):
         nested, separate = results["matta"], results["separate_ta"]
         self.lines += [
-            "## Parameter sharing: nested TA vs a separate TA trained online with the same loss",
+            "### Parameter sharing: nested TA vs a separate TA trained online with the same loss",
             "",
             "| TA | student test ppl | TA test ppl |",
             "|---|---|---|",
@@ -562,7 +584,7 @@ class Report:
         alone[S] = [_student(r, S) for r in results["kd"]]
         L = self.setting["n_layer"]
         self.lines += [
-            "## Mix'n'Match: extracted MatTA students vs same-size models trained alone with KD",
+            "### Mix'n'Match: extracted MatTA students vs same-size models trained alone with KD",
             "",
             "Plan k widens a centred block of k layers to the TA's FFN; a uniform FFN width of "
             f"{S} + k x ({ta_width} - {S}) / {L} has exactly its parameter count. MatTA: seed 0; KD alone: "
@@ -590,7 +612,7 @@ class Report:
 
     def budgets(self, runs, budget_results, results, S):
         self.lines += [
-            "## Longer budgets (tuned settings, seed 0)",
+            "### Longer budgets (tuned settings, seed 0)",
             "",
             "| steps | KD student ppl | MatTA student ppl | MatTA TA ppl |",
             "|---|---|---|---|",
@@ -619,7 +641,7 @@ class Report:
                              f"difference {diff:+.2f}, 2 x standard error {2 * se:.2f}).")  # fmt: skip
 
     def claims(self):
-        self.lines += ["## Claims, decided from the tables above", "", *self.verdicts, ""]
+        self.lines += ["### Claims, decided from the tables above", "", *self.verdicts, ""]
 
     def text(self) -> str:
         return "\n".join(self.lines)
