@@ -8,8 +8,8 @@ document held out for validation. Model: 2 layers x 64 wide, 4 heads, FFN widths
 sequences of 128 tokens. Each step minimises CE(student) + CE(TA) on the same batch (the MatTA loss without teacher
 and distillation terms: the optimizers see the nested gradients of the real method). Every run sees the same token
 budget and schedule (linear warm-up over 10 % of the steps, cosine decay to 10 %). The optimizer settings are
-`MatTATrainingArguments`' defaults, except `adam_beta2=0.95` for every optimizer (overridable with --set name=value):
-with TrainingArguments' 0.999 all three sit longer on the unigram plateau in so short a run.
+`MatTATrainingArguments`' defaults, except weight decay 0.1 and `adam_beta2=0.95` (nanoGPT's, for short runs) for
+every optimizer; override any with --set name=value. Results and the tuning notes: benchmarks/optimizers.md.
 
 For each optimizer: one seed per learning rate of its grid, then `--seeds` seeds at the best one (lowest student + TA
 validation loss); prints a markdown table of validation loss at student and TA width (mean ± std over seeds), time per
@@ -38,7 +38,7 @@ from hf_matta.training_args import MatTATrainingArguments
 LR_GRID = {
     "adamw": [1e-3, 2e-3, 4e-3],
     "shampoo": [2e-3, 4e-3, 8e-3],
-    "soap": [2e-3, 4e-3, 8e-3],
+    "soap": [4e-3, 8e-3, 1.6e-2],
 }
 OPTIMIZER_FIELDS = (
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_preconditioner_dim", "precondition_frequency",
