@@ -48,7 +48,7 @@ _DATA = None  # each worker's (train blocks, val blocks, vocab size, eos id), lo
 
 
 def optimizer_settings(overrides: list[str]) -> dict:
-    """`MatTATrainingArguments`' defaults for the optimizer fields, weight decay 0.1, beta2 0.95, then `NAME=VALUE`s."""
+    """`MatTATrainingArguments`' optimizer defaults, weight decay 0.1 and beta2 0.95, then the `NAME=VALUE`s."""
     defaults = {field.name: field.default for field in dataclasses.fields(MatTATrainingArguments)}
     settings = {name: defaults[name] for name in OPTIMIZER_FIELDS} | {"weight_decay": 0.1, "adam_beta2": 0.95}
     for item in overrides:
@@ -64,7 +64,9 @@ def load_data(seq_len: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor
     streams = {"train": [], "val": []}
     for index, document in enumerate(documents):
         streams["val" if index % 10 == 0 else "train"] += tokenizer(document)["input_ids"] + [tokenizer.eos_token_id]
-    blocks = {split: torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len) for split, ids in streams.items()}
+    blocks = {
+        split: torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len) for split, ids in streams.items()
+    }
     return blocks["train"], blocks["val"], len(tokenizer), tokenizer.eos_token_id
 
 
@@ -163,8 +165,12 @@ def main() -> None:
             name: min(lrs, key=lambda lr: sweep[name, lr].result()["student"] + sweep[name, lr].result()["ta"])
             for name, lrs in grid.items()
         }
-        seeds = {(name, seed): pool.submit(run, name, best[name], seed) for name in grid for seed in range(1, opts.seeds)}
-        runs = {name: [sweep[name, best[name]].result()] + [seeds[name, s].result() for s in range(1, opts.seeds)] for name in grid}
+        extra_seeds = range(1, opts.seeds)
+        seeds = {(name, seed): pool.submit(run, name, best[name], seed) for name in grid for seed in extra_seeds}
+        runs = {
+            name: [sweep[name, best[name]].result()] + [seeds[name, seed].result() for seed in extra_seeds]
+            for name in grid
+        }
     print()
     print("| optimizer | best lr | val loss, student (w=64) | val loss, TA (w=256) | ms / step | preconditioners |")
     print("|---|---|---|---|---|---|")

@@ -172,7 +172,8 @@ def test_shampoo_checkpoint_needs_the_registered_classes(input_ids, tmp_path):
         "except Exception as error:\n"
         "    print('refused:', 'hf_matta.optim.AdamGraft' in str(error) or 'pytorch_optimizer' in str(error))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "optimizer.pt")], capture_output=True, text=True)
+    command = [sys.executable, "-c", code, str(tmp_path / "optimizer.pt")]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.stdout.strip() == "refused: True", result.stderr
 
 

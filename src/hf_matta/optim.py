@@ -73,7 +73,7 @@ def parameter_groups(
     """Trainable parameters split into optimizer groups: decay on matrices (`dim() >= 2`), none on vectors.
 
     `parameters()` yields a tied parameter once, so the tied `lm_head`/`wte` matrix is in one group once.
-    `block_sizes` gives some matrices their own Shampoo block size (one extra group per size); empty groups are left out.
+    `block_sizes` gives some matrices their own Shampoo block size (one extra group per size). No group is empty.
     """
     block_sizes = block_sizes or {}
     grouped: dict[tuple[bool, int | None], list[nn.Parameter]] = {}
