@@ -19,16 +19,6 @@ DEFAULTS = {field.name: field.default for field in dataclasses.fields(MatTATrain
 BACKENDS = ["adamw", "shampoo", "soap"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on 2 shared cores two threads wait on each other (Shampoo's
-    small matrix ops ran 10x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_args(**overrides) -> types.SimpleNamespace:
     """The optimizer fields of MatTATrainingArguments, at their defaults unless overridden."""
     names = (
