@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_metrics = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics
     final_metrics = trainer.evaluate() if "validation" in blocks else {}
     trainer.save_model(training_args.output_dir)
-    if plans and trainer.is_world_process_zero():
-        extract_students(Path(training_args.output_dir), tokenizer, plans)
+    if trainer.is_world_process_zero():
+        after_training(Path(training_args.output_dir), tokenizer, plans)
 
     summary = _summary(
         trainer, model.config, data_args, config_path, train_metrics, final_metrics, teacher_metrics, start
@@ -312,10 +312,16 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def extract_students(output_dir: Path, tokenizer: PreTrainedTokenizerBase, plans: list[tuple[int, ...]]) -> None:
-    """Save one standalone student per plan under `output_dir/students/`, as `hf-matta extract` writes them.
+def after_training(output_dir: Path, tokenizer: PreTrainedTokenizerBase, plans: list[tuple[int, ...]]) -> None:
+    """What runs on the saved model once training is done, on the main process, each step behind its own flag:
+    extraction (`extract_plans`, with `hf_matta.extract`) now; evaluating and publishing the students belong here
+    too, behind flags of their own, once `hf_matta.evaluation` and `hf_matta.hub` exist.
 
-    Reads the saved nested model back, whole, so it works the same after ZeRO-3 or FSDP sharded training."""
+    Extraction saves one standalone student per plan under `output_dir/students/`, as `hf-matta extract` writes
+    them. It reads the saved nested model back, whole, so it works the same after ZeRO-3 or FSDP sharded training.
+    """
+    if not plans:
+        return
     from hf_matta.extract import extract_student, save_student
 
     model = MatGPT2LMHeadModel.from_pretrained(output_dir)
