@@ -70,16 +70,22 @@ def build_optimizer(model: nn.Module, args: Any) -> torch.optim.Optimizer:
 def parameter_groups(
     model: nn.Module, weight_decay: float, block_sizes: dict[nn.Parameter, int] | None = None
 ) -> list[dict[str, Any]]:
-    """Trainable parameters split into optimizer groups: decay on matrices (`dim() >= 2`), none on vectors.
+    """Trainable parameters split into optimizer groups: decay on matrices, none on biases and norm layers.
 
-    `parameters()` yields a tied parameter once, so the tied `lm_head`/`wte` matrix is in one group once.
-    `block_sizes` gives some matrices their own Shampoo block size (one extra group per size). No group is empty.
+    A matrix is the `weight` of a module that is not a normalisation layer (Linear, Conv1D, Embedding). The rule
+    reads names and module types, not `dim()`: FSDP v1 hands the optimizer flat 1-D views even with
+    `use_orig_params`. `named_parameters()` yields a tied parameter once, so the tied `lm_head`/`wte` matrix is in one
+    group once. `block_sizes` gives some matrices their own Shampoo block size (one extra group per size). No group
+    is empty.
     """
     block_sizes = block_sizes or {}
     grouped: dict[tuple[bool, int | None], list[nn.Parameter]] = {}
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            key = (param.dim() >= 2, block_sizes.get(param))
+            module_name, _, param_name = name.rpartition(".")
+            owner = model.get_submodule(module_name)
+            is_matrix = param_name == "weight" and "Norm" not in type(owner).__name__
+            key = (is_matrix, block_sizes.get(param))
             grouped.setdefault(key, []).append(param)
     groups = []
     for (decay, block_size), params in sorted(grouped.items(), key=lambda item: (not item[0][0], item[0][1] or 0)):

@@ -166,7 +166,8 @@ class MatTATrainer(Trainer):
         if args.optimizer in SHAMPOO_OPTIMIZERS and self.is_deepspeed_enabled:
             raise ValueError(
                 f"optimizer={args.optimizer!r} cannot run under DeepSpeed ZeRO, which flattens parameters while "
-                "Shampoo needs each parameter's shape: use DDP or FSDP (use_orig_params), or optimizer='adamw'."
+                "Shampoo needs each parameter's shape: use DDP (FSDP v1 also hands the optimizer flat 1-D shards, even "
+                "with use_orig_params, and FSDP2's DTensors break ScalableShampoo), or optimizer='adamw'."
             )
         if args.n_gpu > 1:
             raise ValueError(
