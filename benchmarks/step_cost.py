@@ -273,34 +273,37 @@ def _closed_form_chunk(z_s, z_a, z_t, y, w_s: float, w_a: float, w_d: float, gam
     safe_y = y.clamp(min=0).unsqueeze(-1)  # (r, 1)
     cache = {}
 
-    def log_softmax(z, tau):
-        """log softmax(z / tau) (r, V) and its exp, computed once per model and temperature."""
-        if (id(z), tau) not in cache:
-            log_q = torch.log_softmax(z.float() / tau if tau != 1 else z.float(), -1)
-            cache[id(z), tau] = (log_q, log_q.exp())
-        return cache[id(z), tau]
+    logits = {"student": z_s, "ta": z_a, "teacher": z_t}
 
-    def target(z):
-        """target(z) summed over valid rows, and its gradient (r, V)."""
-        log_q, q = log_softmax(z, 1.0)
+    def log_softmax(name, tau):
+        """log softmax(z / tau) (r, V) of one model's logits and its exp, computed once per model and temperature."""
+        if (name, tau) not in cache:
+            z = logits[name].float()
+            log_q = torch.log_softmax(z / tau if tau != 1 else z, -1)
+            cache[name, tau] = (log_q, log_q.exp())
+        return cache[name, tau]
+
+    def target(name):
+        """target(z) of one model summed over valid rows, and its gradient (r, V)."""
+        log_q, q = log_softmax(name, 1.0)
         value = -log_q.gather(-1, safe_y).squeeze(-1) * (1 - gamma)  # (r,)
         grad = (1 - gamma) * q.scatter_add(-1, safe_y, torch.full_like(log_q[:, :1], -1.0))
         if z_t is not None and gamma > 0:
-            log_p, p = log_softmax(z_t, tau_t)
-            log_qt, q_t = log_softmax(z, tau_t)
+            log_p, p = log_softmax("teacher", tau_t)
+            log_qt, q_t = log_softmax(name, tau_t)
             value = value + gamma * tau_t**2 * (p * (log_p - log_qt)).sum(-1)
             grad = grad + gamma * tau_t * (q_t - p)
         return torch.where(valid.squeeze(-1), value, 0.0).sum(), grad
 
-    student_sum, grad_s = target(z_s)
+    student_sum, grad_s = target("student")
     grad_s = w_s * grad_s
     ta_sum = distill_sum = torch.zeros((), dtype=torch.float32, device=z_s.device)
     grad_a = None
     if z_a is not None:
-        ta_sum, grad_a = target(z_a)
+        ta_sum, grad_a = target("ta")
         grad_a = torch.where(valid, w_a * grad_a, 0.0)
-        log_p, p = log_softmax(z_a, tau_d)
-        log_q, q = log_softmax(z_s, tau_d)
+        log_p, p = log_softmax("ta", tau_d)
+        log_q, q = log_softmax("student", tau_d)
         kl = tau_d**2 * (p * (log_p - log_q)).sum(-1)
         distill_sum = torch.where(valid.squeeze(-1), kl, 0.0).sum()
         grad_s = grad_s + w_d * tau_d * (q - p)
