@@ -120,7 +120,7 @@ def _training_args(run: dict, out_dir: Path):
         teacher_temperature=hp.get("teacher_temperature", 1.0), distill_weight=hp.get("distill_weight", 1.0),
         distill_warmup_steps=hp.get("distill_warmup_steps", 0.0),
         distill_temperature=hp.get("distill_temperature", 1.0), detach_ta_targets=hp.get("detach", True),
-        max_preconditioner_dim=run.get("shampoo_block", 1024),
+        max_preconditioner_dim=run.get("shampoo_block", 1024), extra_widths=hp.get("extra_widths", "none"),
     )  # fmt: skip
     return MatTATrainingArguments(**fields)
 
@@ -225,17 +225,18 @@ def train_run(run: dict) -> dict:
         result[f"{split}_ppl"] = {str(w): math.exp(validation_loss(model, data[split], w, 32)) for w in widths}
     result["train_tokens_per_s"] = run["steps"] * run["batch"] * run["shape"]["block"] / train_metrics["train_runtime"]
     if run.get("mix_n_match"):
-        result["mix_n_match"] = _mix_n_match(model, data["test"])
+        strategy = run["mix_n_match"] if isinstance(run["mix_n_match"], str) else "block"
+        result["mix_n_match"] = _mix_n_match(model, data["test"], strategy)
     return result
 
 
-def _mix_n_match(model, test_ids: torch.Tensor) -> list[dict]:
-    """Every block plan of the trained nested model, extracted as a standalone model and measured on the test set;
+def _mix_n_match(model, test_ids: torch.Tensor, strategy: str) -> list[dict]:
+    """Every plan of a strategy (`block`, `uniform`) of the trained nested model, extracted as a standalone model and measured on the test set;
     the extracted model's loss must equal the nested model's at that plan."""
     from hf_matta.extract import extract_student, mix_n_match
 
     points = []
-    for point in mix_n_match(model, "block", input_ids=test_ids, batch_size=32):
+    for point in mix_n_match(model, strategy, input_ids=test_ids, batch_size=32):
         student = extract_student(model, list(point.widths))
         loss = _loss_on(student, test_ids)
         if abs(loss - point.val_loss) > 1e-4:
@@ -286,6 +287,7 @@ class Runner:
         ratio = hp.get("ta_ratio", 1)
         student = extra.pop("width", self.setting["student_ffn"])
         widths = [student] if kind in ("ce", "kd", "teacher") else [student, student * ratio]
+        widths = extra.pop("widths", widths)
         run = dict(
             self.base, kind=kind, hp=hp, seed=seed, optimizer=optimizer, steps=steps or self.setting["steps"],
             widths=widths, teacher=self.setting["teacher"], **extra,
@@ -398,10 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     L = setting["n_layer"]
 
     print("stage 4: Shampoo's learning rate (AdamW's tuned one x 1 and x 2, seed 0)", flush=True)
-    shampoo_hp = {}
+    shampoo_hp, shampoo_trials = {}, []
     for kind, best in (("kd", best_kd), ("matta", best_matta)):
         candidates = [{**best, "learning_rate": best["learning_rate"] * m} for m in SHAMPOO_LR_MULTIPLIERS]
         trial_results = runner.run_all([runner.spec(kind, hp, 0, "shampoo") for hp in candidates])
+        shampoo_trials += trial_results
         shampoo_hp[kind] = candidates[min(range(len(candidates)), key=lambda i: trial_results[i]["tune_ppl"][str(S)])]
     print("stage 5: seeds, Shampoo, no-sharing ablation, Mix'n'Match baselines, budgets", flush=True)
     groups = {
@@ -417,6 +420,12 @@ def main(argv: list[str] | None = None) -> None:
             for k in range(1, L + 1)
             for seed in range(setting["mnm_seeds"])
         ],
+        "matta_all_widths": [
+            runner.spec(
+                "matta", {**best_matta, "extra_widths": "all"}, 0, mix_n_match="uniform",
+                widths=[S + k * (ta_width - S) // L for k in range(L + 1)],
+            )
+        ],  # fmt: skip
         "budget": [
             runner.spec(kind, hp, 0, steps=setting["steps"] * m)
             for m in setting["budget_multipliers"]
@@ -429,8 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: [by_key[run["key"]] for run in runs] for name, runs in groups.items()}
     runner.pool.shutdown()
     elapsed = time.perf_counter() - started
+    every_result = [teacher_result, *ce_results, *kd_results, *matta_results, *shampoo_trials, *results_flat]
+    run_minutes = sum(result["seconds"] for result in every_result) / 60
 
-    report = Report(setting, args, blocks, teacher_result, elapsed)
+    report = Report(setting, args, blocks, teacher_result, elapsed, run_minutes)
     report.tuning("CE alone", ce_trials, ce_results, S, best_ce)
     report.tuning("KD", kd_trials, kd_results, S, best_kd)
     report.tuning("MatTA", matta_trials, matta_results, S, best_matta)
@@ -481,7 +492,7 @@ def write_section(path: Path, name: str, text: str) -> None:
 class Report:
     """The markdown report, section by section; `claims()` states which of the paper's claims held."""
 
-    def __init__(self, setting, args, blocks, teacher_result, elapsed):
+    def __init__(self, setting, args, blocks, teacher_result, elapsed, run_minutes):
         self.setting, self.lines, self.verdicts = setting, [], []
         tokens = setting["steps"] * setting["batch"] * setting["block"]
         s = setting
@@ -489,6 +500,9 @@ class Report:
             f"## Quality: `quality.py --setting {args.setting}`",
             "",
             *provenance("benchmarks/quality.py", elapsed, f"{args.jobs} jobs x {args.threads} thread(s)"),
+            f"- Training runs: {run_minutes:.1f} "
+            f"process-minutes in all, about {run_minutes / args.jobs:.1f} min of wall time on {args.jobs} workers from "
+            "an empty cache (runs found in the cache are not run again, so a resumed invocation is shorter).",
             f"- Corpus: `pydoc_data.topics` (Python {platform.python_version()}), ByteLevel BPE of {s['vocab']} "
             f"tokens, blocks of {s['block']}: {len(blocks['train'])} training blocks "
             f"({blocks['train'].numel():,} tokens), {len(blocks['tune'])} tune and {len(blocks['test'])} test blocks "
@@ -591,6 +605,7 @@ class Report:
 
     def mix_n_match(self, results, mnm_runs, S, ta_width, plot_path):
         points = results["matta"][0]["mix_n_match"]
+        all_widths = {p["widths"][0]: p for p in results["matta_all_widths"][0]["mix_n_match"]}
         alone: dict[int, list[float]] = {}
         for run, result in zip(mnm_runs, results["mnm_kd"]):
             alone.setdefault(run["widths"][0], []).append(_student(result, run["widths"][0]))
@@ -601,27 +616,33 @@ class Report:
             "",
             "Plan k widens a centred block of k layers to the TA's FFN; a uniform FFN width of "
             f"{S} + k x ({ta_width} - {S}) / {L} has exactly its parameter count. MatTA: seed 0; KD alone: "
-            f"{self.setting['mnm_seeds']} seed(s) (the student size: the KD arm's seeds).",
+            f"{self.setting['mnm_seeds']} seed(s) (the student size: the KD arm's seeds). The last column is a second "
+            "MatTA model (seed 0, same tuned settings) whose granularities are all the uniform widths, every one trained "
+            "each step as a student of the TA (`extra_widths='all'`), extracted at that uniform width.",
             "",
-            "| plan (FFN per layer) | params | MatTA extracted ppl | uniform FFN | KD alone ppl |",
-            "|---|---|---|---|---|",
+            "| plan (FFN per layer) | params | MatTA extracted ppl | uniform FFN | KD alone ppl | MatTA, all widths "
+            "trained |",
+            "|---|---|---|---|---|---|",
         ]
-        wins = 0
+        wins = wins_all = 0
         for k, point in enumerate(points):
             width = S + k * (ta_width - S) // L
             kd = alone.get(width)
             kd_text = _mean_std(kd) if kd else "-"
             wins += bool(kd) and point["ppl"] < statistics.mean(kd)
+            trained = all_widths[width]["ppl"]
+            wins_all += bool(kd) and trained < statistics.mean(kd)
             self.lines.append(
                 f"| {'/'.join(map(str, point['widths']))} | {point['params'] / 1e6:.3f} M | {point['ppl']:.2f} | "
-                f"{width} | {kd_text} |"
+                f"{width} | {kd_text} | {trained:.2f} |"
             )
         self.lines += ["", f"![Mix'n'Match curve]({plot_path.name})", ""]
         self.verdicts.append(
-            f"- Extracted MatTA students beat same-size KD models: at {wins} of {len(points)} sizes (seed 0 vs KD's "
+            f"- Extracted MatTA students beat same-size KD models: at {wins} of {len(points)} sizes with two trained "
+            f"granularities (block plans), at {wins_all} of {len(points)} with every width trained (seed 0 vs KD's "
             "seed mean)."
         )
-        _plot(points, alone, results, S, self.setting, plot_path)
+        _plot(points, list(all_widths.values()), alone, results, S, self.setting, plot_path)
 
     def budgets(self, runs, budget_results, results, S):
         self.lines += [
@@ -660,7 +681,7 @@ class Report:
         return "\n".join(self.lines)
 
 
-def _plot(points, alone, results, S, setting, path: Path) -> None:
+def _plot(points, all_widths, alone, results, S, setting, path: Path) -> None:
     """Perplexity against parameters: the extracted MatTA family, the same sizes trained alone with KD."""
     import matplotlib
 
@@ -670,7 +691,9 @@ def _plot(points, alone, results, S, setting, path: Path) -> None:
     from hf_matta.widths import count_parameters
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
-    ax.plot([p["params"] / 1e6 for p in points], [p["ppl"] for p in points], "o-", label="MatTA, extracted (seed 0)")
+    ax.plot([p["params"] / 1e6 for p in points], [p["ppl"] for p in points], "o-", label="MatTA, block plans (seed 0)")
+    ax.plot([p["params"] / 1e6 for p in all_widths], [p["ppl"] for p in all_widths], "D-",
+            label="MatTA, all widths trained (seed 0)")  # fmt: skip
     sizes = sorted(alone)
     ax.errorbar(
         [count_parameters(_model_config(setting, [w]), w) / 1e6 for w in sizes],

@@ -426,6 +426,7 @@ def measure(arm_factory, batches, warmup, memory, device, autocast, teacher_byte
     peak = memory.peak() - base + (teacher_bytes if arm.teacher else 0)
     tokens = batches[0]["input_ids"].numel()
     result = Result(arm.name, seconds, peak, arm.flops, tokens)
+    print(f"{arm.name}: median {result.median:.4f} s, peak {peak / 2**20:,.0f} MiB", file=sys.stderr, flush=True)
     del arm
     memory.current()
     return result
