@@ -89,39 +89,87 @@ def _term_sums(logits: Sequence[torch.Tensor | None], targets: torch.Tensor, ter
     return torch.stack(sums)
 
 
+@torch.no_grad()
+def _chunk_sums_and_grads(
+    logits: Sequence[torch.Tensor | None],
+    targets: torch.Tensor,
+    terms: Sequence[_Term],
+    weights: Sequence[float],
+    needs_grad: Sequence[bool],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """`_term_sums` of one chunk of rows and the gradient of `sum(weights * sums)` with respect to every logits
+    tensor in `needs_grad`, in closed form, with no autograd graph. With q = softmax(z / tau), p = softmax(z_t / tau):
+
+        d/dz CE(y, z)             = softmax(z) - onehot(y)
+        d/dz tau^2 KL(p || q)     = tau (q - p)
+        d/dz_t tau^2 KL(p || q)   = tau p (log p - log q - KL)          (only when the target is not detached)
+
+    One log-softmax per model and temperature serves every term's value and gradient (fp32 at least).
+    """
+    valid = targets.ne(IGNORE_INDEX).unsqueeze(-1)  # (r, 1)
+    safe_targets = targets.clamp(min=0).unsqueeze(-1)  # (r, 1)
+    log_probs: dict[tuple[int, float], torch.Tensor] = {}
+    grads: list[torch.Tensor | None] = [None] * len(logits)
+
+    def log_softmax(index: int, temperature: float) -> torch.Tensor:
+        if (index, temperature) not in log_probs:
+            z = logits[index].to(torch.promote_types(logits[index].dtype, torch.float32))
+            log_probs[index, temperature] = F.log_softmax(z / temperature if temperature != 1 else z, dim=-1)
+        return log_probs[index, temperature]  # (r, V)
+
+    def add_grad(index: int, grad: torch.Tensor) -> None:
+        grads[index] = grad if grads[index] is None else grads[index].add_(grad)
+
+    sums = []
+    for term, weight in zip(terms, weights):
+        if term.target is None:
+            log_q = log_softmax(term.model, 1.0)
+            sums.append(-torch.where(valid, log_q.gather(-1, safe_targets), 0.0).sum())
+            if weight != 0 and needs_grad[term.model]:
+                grad = log_q.exp().scatter_add_(-1, safe_targets, torch.full_like(safe_targets, -1, dtype=log_q.dtype))
+                add_grad(term.model, grad.mul_(weight))
+            continue
+        tau = term.temperature
+        log_p, log_q = log_softmax(term.target, tau), log_softmax(term.model, tau)
+        p = log_p.exp()  # (r, V), the distribution taught
+        log_ratio = log_p - log_q  # (r, V)
+        kl_rows = (p * log_ratio).sum(-1, keepdim=True)  # (r, 1)
+        sums.append(tau**2 * torch.where(valid, kl_rows, 0.0).sum())
+        if weight == 0:
+            continue
+        if needs_grad[term.model]:
+            add_grad(term.model, (log_q.exp() - p).mul_(weight * tau))
+        if not term.detach_target and needs_grad[term.target]:
+            add_grad(term.target, p.mul_(log_ratio.sub_(kl_rows)).mul_(weight * tau))
+    return torch.stack(sums), [None if grad is None else torch.where(valid, grad, 0.0) for grad in grads]
+
+
 class _ChunkedTerms(torch.autograd.Function):
     """The weighted total and the per-term sums of `_term_sums`, computed over chunks of rows.
 
-    Forward computes, chunk by chunk, the terms and the gradient of their weighted sum with respect to that chunk of
-    every logits tensor that requires grad, and writes it into one `(n, V)` buffer per such tensor; backward only
-    scales the buffers. So no chunk's intermediates outlive the chunk. The per-term sums are not differentiable.
+    Forward computes, chunk by chunk, the terms and (in closed form, `_chunk_sums_and_grads`) the gradient of their
+    weighted sum with respect to that chunk of every logits tensor that requires grad, and writes it into one `(n, V)`
+    buffer per such tensor; backward only scales the buffers. So no chunk's intermediates outlive the chunk, and no
+    autograd graph is built over vocabulary-sized tensors. The per-term sums are not differentiable.
     """
 
     @staticmethod
     def forward(ctx, targets, terms, weights, chunk_size, *logits):
         needs_grad = [z is not None and z.requires_grad for z in logits]
-        grads = [torch.empty_like(z) if need else None for z, need in zip(logits, needs_grad)]
-        trained = weights != 0
+        grads = [torch.zeros_like(z) if need else None for z, need in zip(logits, needs_grad)]
+        weight_values = weights.tolist()
         sums = torch.zeros_like(weights)
         for start in range(0, targets.numel(), chunk_size):
             rows = slice(start, start + chunk_size)
-            chunk = [
-                None if z is None else z[rows].detach().requires_grad_(need) for z, need in zip(logits, needs_grad)
-            ]
-            with torch.enable_grad():
-                chunk_sums = _term_sums(chunk, targets[rows], terms)
-                weighted = (weights * chunk_sums)[trained].sum()
-                inputs = [z for z, need in zip(chunk, needs_grad) if need]
-                if inputs and weighted.requires_grad:
-                    chunk_grads = torch.autograd.grad(weighted, inputs, allow_unused=True, materialize_grads=True)
-                else:
-                    chunk_grads = [torch.zeros_like(z) for z in inputs]
-            for buffer, grad in zip((g for g in grads if g is not None), chunk_grads):
-                buffer[rows] = grad
-            sums += chunk_sums.detach()
+            chunk = [None if z is None else z[rows].detach() for z in logits]
+            chunk_sums, chunk_grads = _chunk_sums_and_grads(chunk, targets[rows], terms, weight_values, needs_grad)
+            for buffer, grad in zip(grads, chunk_grads):
+                if buffer is not None and grad is not None:
+                    buffer[rows] = grad
+            sums += chunk_sums
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.needs_grad = needs_grad
-        total = (weights * sums)[trained].sum()
+        total = (weights * sums)[weights != 0].sum()
         ctx.mark_non_differentiable(sums)
         return total, sums
 
