@@ -29,8 +29,8 @@ built once and shared, so its weight bytes are added to (c), (d) and (e).
 
 Two more rows measure prototypes of fixes to the project's code (see benchmarks/README.md): (e*) the same loss and
 gradient with one backward per model (TA first, its graph freed, then the student), which bounds memory; (e**) the
-trainer's step with the loss computed in closed form per chunk and fused by `torch.compile` (`closed_form_matta_loss`,
-checked against `matta_loss` in the run), which bounds time.
+trainer's step with `hf_matta.losses`' per-chunk closed-form loss and gradient fused by `torch.compile` (the
+project's own function, compiled; its equality with the reference is tested in tests/test_losses.py), which bounds time.
 
 The last line printed is `overhead_ratio=<x> memory_ratio=<y>`, with memory_ratio = ((e) - teacher weights) / (a)
 (goal <= 1.3). `--profile` also prints torch.profiler's top operators of (e) and of (a) + (b) + (c).
@@ -52,8 +52,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_matta import MatGPT2Config, MatGPT2LMHeadModel
-import hf_matta.trainer
-from hf_matta.losses import DEFAULT_CHUNK_SIZE, MatTALoss, count_valid_tokens, matta_loss, shift_labels
+import hf_matta.losses
+from hf_matta.losses import count_valid_tokens, matta_loss
 from hf_matta.optim import build_optimizer
 from hf_matta.trainer import MatTATrainer
 from hf_matta.training_args import MatTATrainingArguments
@@ -213,17 +213,20 @@ def trainer_arm(name: str, config: MatGPT2Config, teacher, teacher_config, args,
     return Arm(name, step, flops * tokens, True, (model, trainer, optimizer))
 
 
-def closed_form_arm(*arm_args) -> Arm:
-    """(e**): (e) with `closed_form_matta_loss` in place of `matta_loss` inside the trainer (a prototype)."""
+def compiled_loss_arm(*arm_args) -> Arm:
+    """(e**): (e) with `hf_matta.losses`' per-chunk closed-form loss and gradient fused by `torch.compile` (the
+    proposed opt-in; compiled once, at the first warm-up step)."""
     arm = trainer_arm(*arm_args)
     trainer_step = arm.step
+    eager_chunk = hf_matta.losses._chunk_sums_and_grads
+    compiled_chunk = torch.compile(eager_chunk, dynamic=False)
 
     def step(batch: dict) -> None:
-        hf_matta.trainer.matta_loss = closed_form_matta_loss
+        hf_matta.losses._chunk_sums_and_grads = compiled_chunk
         try:
             trainer_step(batch)
         finally:
-            hf_matta.trainer.matta_loss = matta_loss
+            hf_matta.losses._chunk_sums_and_grads = eager_chunk
 
     arm.step = step
     return arm
@@ -259,135 +262,6 @@ def sequential_arm(name: str, config: MatGPT2Config, teacher, teacher_config, ar
     flops = sum(3 * count_flops_per_token(config, width, seq) for width in config.mat_widths)
     flops += count_flops_per_token(teacher_config, None, seq)
     return Arm(name, step, flops * tokens, True, (model, trainer, optimizer))
-
-
-def _closed_form_chunk(z_s, z_a, z_t, y, w_s: float, w_a: float, w_d: float, gamma: float, tau_t: float, tau_d: float):
-    """One chunk of rows of the MatTA objective (detached TA targets): the gradients with respect to the student's and
-    the TA's logits `(r, V)` and the three term sums (student target, TA target, distillation), in closed form.
-
-    For q = softmax(z / tau): d/dz tau^2 KL(p || q) = tau (q - p), and d/dz CE(y, z) = softmax(z) - onehot(y); one
-    softmax per model and temperature serves both value and gradient, and no autograd graph is built. Written as
-    plain tensor algebra so that `torch.compile` fuses it into a few passes over the vocabulary.
-    """
-    valid = y.ne(-100).unsqueeze(-1)  # (r, 1)
-    safe_y = y.clamp(min=0).unsqueeze(-1)  # (r, 1)
-    cache = {}
-
-    logits = {"student": z_s, "ta": z_a, "teacher": z_t}
-
-    def log_softmax(name, tau):
-        """log softmax(z / tau) (r, V) of one model's logits and its exp, computed once per model and temperature."""
-        if (name, tau) not in cache:
-            z = logits[name].float()
-            log_q = torch.log_softmax(z / tau if tau != 1 else z, -1)
-            cache[name, tau] = (log_q, log_q.exp())
-        return cache[name, tau]
-
-    def target(name):
-        """target(z) of one model summed over valid rows, and its gradient (r, V)."""
-        log_q, q = log_softmax(name, 1.0)
-        value = -log_q.gather(-1, safe_y).squeeze(-1) * (1 - gamma)  # (r,)
-        grad = (1 - gamma) * q.scatter_add(-1, safe_y, torch.full_like(log_q[:, :1], -1.0))
-        if z_t is not None and gamma > 0:
-            log_p, p = log_softmax("teacher", tau_t)
-            log_qt, q_t = log_softmax(name, tau_t)
-            value = value + gamma * tau_t**2 * (p * (log_p - log_qt)).sum(-1)
-            grad = grad + gamma * tau_t * (q_t - p)
-        return torch.where(valid.squeeze(-1), value, 0.0).sum(), grad
-
-    student_sum, grad_s = target("student")
-    grad_s = w_s * grad_s
-    ta_sum = distill_sum = torch.zeros((), dtype=torch.float32, device=z_s.device)
-    grad_a = None
-    if z_a is not None:
-        ta_sum, grad_a = target("ta")
-        grad_a = torch.where(valid, w_a * grad_a, 0.0)
-        log_p, p = log_softmax("ta", tau_d)
-        log_q, q = log_softmax("student", tau_d)
-        kl = tau_d**2 * (p * (log_p - log_q)).sum(-1)
-        distill_sum = torch.where(valid.squeeze(-1), kl, 0.0).sum()
-        grad_s = grad_s + w_d * tau_d * (q - p)
-    return torch.where(valid, grad_s, 0.0), grad_a, torch.stack([student_sum, ta_sum, distill_sum])
-
-
-_compiled_chunk = None
-
-
-class _ClosedFormMatTA(torch.autograd.Function):
-    """Prototype of a faster chunked `matta_loss`: `_closed_form_chunk` per chunk of rows, compiled with
-    `torch.compile`; its gradients are written into one buffer per trained logits tensor, as `matta_loss` does."""
-
-    @staticmethod
-    def forward(ctx, student, ta, teacher, labels, weights, num_items, chunk_size):
-        global _compiled_chunk
-        if _compiled_chunk is None:
-            _compiled_chunk = torch.compile(_closed_form_chunk, dynamic=False)
-        targets = shift_labels(labels).reshape(-1)  # (n,)
-        flat = [None if z is None else z.detach().reshape(-1, z.size(-1)) for z in (student, ta, teacher)]
-        grads = [None if z is None or not z.requires_grad else torch.empty_like(f) for z, f in zip((student, ta), flat)]
-        sums = torch.zeros(3, dtype=torch.float32, device=student.device)
-        for start in range(0, targets.numel(), chunk_size):
-            rows = slice(start, start + chunk_size)
-            chunk = [None if z is None else z[rows] for z in flat]
-            grad_s, grad_a, chunk_sums = _compiled_chunk(*chunk, targets[rows], *weights)
-            for buffer, grad in zip(grads, (grad_s, grad_a)):
-                if buffer is not None:
-                    buffer[rows] = grad / num_items
-            sums += chunk_sums
-        ctx.save_for_backward(*(g for g in grads if g is not None))
-        ctx.has = [g is not None for g in grads]
-        ctx.shape = student.shape
-        sums = sums / num_items
-        w_s, w_a, w_d = weights[:3]
-        return w_s * sums[0] + w_a * sums[1] + w_d * sums[2], sums
-
-    @staticmethod
-    def backward(ctx, grad_total, grad_sums):
-        saved = iter(ctx.saved_tensors)
-        student_ta = [(next(saved) * grad_total).view(ctx.shape) if has else None for has in ctx.has]
-        return student_ta[0], student_ta[1], None, None, None, None, None
-
-
-def closed_form_matta_loss(student_logits, labels, ta_logits=None, teacher_logits=None, extra_logits=None,
-                           student_weight=1.0, ta_weight=1.0, distill_weight=1.0, distill_temperature=1.0,
-                           teacher_weight=0.5, teacher_temperature=1.0, detach_ta_targets=True, num_items=None,
-                           chunk_size=DEFAULT_CHUNK_SIZE) -> MatTALoss:  # fmt: skip
-    """`hf_matta.losses.matta_loss`'s interface on `_ClosedFormMatTA`; the cases it does not cover go to the
-    original (extra widths, gradient into the TA through the distillation term, no chunking)."""
-    if extra_logits or not detach_ta_targets or chunk_size is None or student_logits is None:
-        return matta_loss(
-            student_logits, labels, ta_logits, teacher_logits, extra_logits, student_weight, ta_weight, distill_weight,
-            distill_temperature, teacher_weight, teacher_temperature, detach_ta_targets, num_items, chunk_size,
-        )  # fmt: skip
-    if num_items is None:
-        num_items = count_valid_tokens(labels).clamp(min=1)
-    gamma = teacher_weight if teacher_logits is not None else 0.0
-    weights = (student_weight, ta_weight if ta_logits is not None else 0.0, distill_weight if ta_logits is not None
-               else 0.0, gamma, teacher_temperature, distill_temperature)  # fmt: skip
-    total, sums = _ClosedFormMatTA.apply(student_logits, ta_logits, teacher_logits, labels, weights,
-                                         float(num_items), chunk_size)  # fmt: skip
-    terms = {"student": sums[0]}
-    if ta_logits is not None:
-        terms.update(ta=sums[1], distill=sums[2])
-    return MatTALoss(total=total, terms=terms)
-
-
-def check_closed_form(device: torch.device) -> float:
-    """Largest difference between `closed_form_matta_loss` and `matta_loss` (value and gradients) on random logits."""
-    generator = torch.Generator().manual_seed(1)
-    shape = (2, 37, 53)
-    logits = [torch.randn(shape, generator=generator).to(device) for _ in range(3)]
-    labels = torch.randint(0, shape[-1], shape[:2], generator=generator).to(device)
-    labels[0, :5] = -100
-    kwargs = dict(teacher_weight=0.3, teacher_temperature=2.0, distill_weight=0.7, distill_temperature=1.5,
-                  ta_weight=1.2, student_weight=0.9, chunk_size=37)  # fmt: skip
-    outputs = []
-    for loss_fn in (matta_loss, closed_form_matta_loss):
-        student, ta = (z.clone().requires_grad_() for z in logits[:2])
-        loss = loss_fn(student, labels, ta_logits=ta, teacher_logits=logits[2], **kwargs)
-        loss.total.backward()
-        outputs.append([loss.total.detach(), *(loss.terms[k] for k in sorted(loss.terms)), student.grad, ta.grad])
-    return max((a - b).abs().max().item() for a, b in zip(*outputs))
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -515,8 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
             "(e*) MatTA step, one backward per model (proposed fix)", configs["nested"], teacher, configs["teacher"],
             targs, device, seq, tokens,
         ),
-        "e**": lambda: closed_form_arm(
-            "(e**) MatTA step, closed-form chunked loss (proposed fix)", configs["nested"], teacher,
+        "e**": lambda: compiled_loss_arm(
+            "(e**) MatTA step, compiled chunked loss (proposed fix)", configs["nested"], teacher,
             configs["teacher"], targs, device, seq, tokens,
         ),
     }  # fmt: skip
@@ -551,12 +425,11 @@ def main(argv: list[str] | None = None) -> dict:
     memory_ratio = (results["e"].peak_bytes - teacher_bytes) / results["a"].peak_bytes
     fixed_ratio = (results["e*"].peak_bytes - teacher_bytes) / results["a"].peak_bytes
     kd_ratio = results["d"].median / (results["b"].median + results["c"].median)
-    closed_form_error = check_closed_form(device)
     lines += [
         "",
         f"- Time: (e) / ((a) + (b) + (c)) = {results['e'].median:.4f} / {passes:.4f} = **{overhead:.3f}** (goal <= "
         f"1.05); (e*) / ((a) + (b) + (c)) = {results['e*'].median / passes:.3f}; (e**) / ((a) + (b) + (c)) = "
-        f"{results['e**'].median / passes:.3f} (its loss matches `matta_loss` to {closed_form_error:.1e}); KD: "
+        f"{results['e**'].median / passes:.3f}; KD: "
         f"(d) / ((b) + (c)) = {kd_ratio:.3f}.",
         f"- Memory: ((e) - teacher weights {teacher_bytes / 2**20:,.0f} MiB) / (a) = **{memory_ratio:.3f}** (goal "
         f"<= 1.3); with one backward per model, ((e*) - teacher weights) / (a) = {fixed_ratio:.3f}.",
