@@ -1,21 +1,47 @@
 """hf_matta: MatTA (Matryoshka teaching assistants) for Hugging Face Transformers.
 
-Importing the package registers `MatGPT2` with the Auto classes, and marks it for `auto_map`, so that every saved
-model carries its modeling files and loads with `trust_remote_code=True` where hf_matta is not installed.
+The package's face, as TRL's: `from hf_matta import MatGPT2LMHeadModel, MatTATrainer, extract_student` imports each
+name's module on first use, so that `import hf_matta` (and the `hf-matta` command) starts without torch or
+transformers, and importing the model does not import the trainer. Any of the model names registers `MatGPT2` with
+the Auto classes (see `hf_matta.models`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel, MatGPT2Model, MatGPT2PreTrainedModel
-
-
-AutoConfig.register(MatGPT2Config.model_type, MatGPT2Config, exist_ok=True)
-AutoModel.register(MatGPT2Config, MatGPT2Model, exist_ok=True)
-AutoModelForCausalLM.register(MatGPT2Config, MatGPT2LMHeadModel, exist_ok=True)
-MatGPT2Config.register_for_auto_class()
-MatGPT2Model.register_for_auto_class("AutoModel")
-MatGPT2LMHeadModel.register_for_auto_class("AutoModelForCausalLM")
 
 __version__ = "0.1.0"
 
-__all__ = ["MatGPT2Config", "MatGPT2LMHeadModel", "MatGPT2Model", "MatGPT2PreTrainedModel"]
+# name -> the module that defines it
+_EXPORTS = {
+    "MatGPT2Config": "hf_matta.models",
+    "MatGPT2LMHeadModel": "hf_matta.models",
+    "MatGPT2Model": "hf_matta.models",
+    "MatGPT2PreTrainedModel": "hf_matta.models",
+    "MatTATrainer": "hf_matta.trainer",
+    "MatTATrainingArguments": "hf_matta.training_args",
+    "extract_student": "hf_matta.extract",
+    "save_student": "hf_matta.extract",
+    "mix_n_match": "hf_matta.extract",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .extract import extract_student, mix_n_match, save_student
+    from .models import MatGPT2Config, MatGPT2LMHeadModel, MatGPT2Model, MatGPT2PreTrainedModel
+    from .trainer import MatTATrainer
+    from .training_args import MatTATrainingArguments
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines `name` on first access (PEP 562), then keep the name on the package."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hf_matta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

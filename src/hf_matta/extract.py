@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel
+from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel, nested_ffn_parameters
 from .widths import (
     Plan,
     block_plans,
@@ -51,8 +51,8 @@ class PlanPoint:
 def extract_student(model: MatGPT2LMHeadModel, plan: Plan) -> GPT2LMHeadModel | MatGPT2LMHeadModel:
     """The standalone model that runs `plan`: its logits equal `model(input_ids, ffn_widths=plan).logits`.
 
-    Every FFN keeps the plan's prefix of neurons (`c_fc.weight[:, :w]`, `c_fc.bias[:w]`, `c_proj.weight[:w]`); all
-    other parameters are copied whole. The copies share no memory with `model`, and `lm_head` stays tied to `wte`,
+    Every FFN keeps the plan's prefix of neurons along the dimensions that `nested_ffn_parameters` names; all other
+    parameters are copied whole. The copies share no memory with `model`, and `lm_head` stays tied to `wte`,
     so `sum(p.numel())` equals `hf_matta.widths.count_parameters(model.config, plan)`.
 
     Args:
@@ -73,10 +73,8 @@ def extract_student(model: MatGPT2LMHeadModel, plan: Plan) -> GPT2LMHeadModel | 
         student_class, config = MatGPT2LMHeadModel, MatGPT2Config(**shared, n_inner=list(widths), mat_widths=[])
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     for layer_idx, width in enumerate(widths):
-        prefix = f"transformer.h.{layer_idx}.mlp."
-        state[prefix + "c_fc.weight"] = state[prefix + "c_fc.weight"][:, :width]  # (d, w)
-        state[prefix + "c_fc.bias"] = state[prefix + "c_fc.bias"][:width]  # (w,)
-        state[prefix + "c_proj.weight"] = state[prefix + "c_proj.weight"][:width]  # (w, d)
+        for name, dim in nested_ffn_parameters(layer_idx).items():
+            state[name] = state[name].narrow(dim, 0, width)
     # The tied head is re-tied to the new `wte` below; loading it too would give it a storage of its own.
     state = {
         name: tensor.clone(memory_format=torch.contiguous_format)

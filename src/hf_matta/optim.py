@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.matgpt2 import NESTED_FFN_DIMS
 from .training_args import GRAFTINGS, OPTIMIZERS
 
 
@@ -131,7 +132,8 @@ def _aligned_block_sizes(model: nn.Module, args: Any) -> dict[nn.Parameter, int]
             continue
         step = math.gcd(*inner_boundaries)
         block_size = next(size for size in range(min(step, args.max_preconditioner_dim), 0, -1) if step % size == 0)
-        block_sizes[block.mlp.c_fc.weight] = block_sizes[block.mlp.c_proj.weight] = block_size
+        for module in NESTED_FFN_DIMS:
+            block_sizes[getattr(block.mlp, module).weight] = block_size
     return block_sizes
 
 

@@ -23,26 +23,43 @@ from .configuration_matgpt2 import MatGPT2Config
 
 FFNWidths = int | Sequence[int] | None
 
+# The one description of what is nested: for each FFN module of a block, its parameters that hold the hidden units and
+# the dimension they lie along (GPT-2's Conv1D stores weights as (in, out)). The width-`w` sub-network keeps the first
+# `w` entries along that dimension; every other parameter (attention, layer norms, embeddings, `c_proj.bias`) is whole.
+NESTED_FFN_DIMS: dict[str, dict[str, int]] = {
+    "c_fc": {"weight": 1, "bias": 0},  # (d, W), (W,): one column and one bias per hidden unit
+    "c_proj": {"weight": 0},  # (W, d): one row per hidden unit
+}
+
+
+def nested_ffn_parameters(layer_idx: int) -> dict[str, int]:
+    """The nested parameters of layer `layer_idx` by their full name in a `MatGPT2LMHeadModel` (or GPT-2) state dict,
+    each with the dimension its hidden units lie along: `{"transformer.h.0.mlp.c_fc.weight": 1, ...}`."""
+    return {
+        f"transformer.h.{layer_idx}.mlp.{module}.{param}": dim
+        for module, params in NESTED_FFN_DIMS.items()
+        for param, dim in params.items()
+    }
+
 
 class MatConv1D(Conv1D):
     """GPT-2's Conv1D (weight stored (in, out)) that can run on a prefix of its FFN hidden units.
 
-    `nested="out"` (`c_fc`) keeps the first `width` output features; `nested="in"` (`c_proj`) reads only the first
-    `width` input features. The slice is taken inside this module's own forward, where ZeRO-3 and FSDP have
-    gathered its parameters; it is a view, so no weight is copied and gradients reach the prefix only.
+    `nested` maps its parameter names to the dimension that holds the hidden units (an entry of `NESTED_FFN_DIMS`):
+    `c_fc` keeps its first `width` output features, `c_proj` reads only its first `width` input features. The slice is
+    taken inside this module's own forward, where ZeRO-3 and FSDP have gathered its parameters; it is a view, so no
+    weight is copied and gradients reach the prefix only.
     """
 
-    def __init__(self, nf: int, nx: int, nested: str):
+    def __init__(self, nf: int, nx: int, nested: dict[str, int]):
         super().__init__(nf, nx)
         self.nested = nested
 
     def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
         if width is None:
             return super().forward(x)
-        if self.nested == "out":
-            weight, bias = self.weight[:, :width], self.bias[:width]  # (nx, w), (w,)
-        else:
-            weight, bias = self.weight[:width], self.bias  # (w, nf), (nf,)
+        weight = self.weight.narrow(self.nested["weight"], 0, width)  # c_fc: (nx, w); c_proj: (w, nf)
+        bias = self.bias.narrow(self.nested["bias"], 0, width) if "bias" in self.nested else self.bias  # (w,); (nf,)
         return torch.addmm(bias, x.reshape(-1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(-1))
 
 
@@ -51,8 +68,8 @@ class MatGPT2MLP(GPT2MLP):
 
     def __init__(self, config: MatGPT2Config, layer_idx: int):
         nn.Module.__init__(self)  # GPT2MLP.__init__ would allocate plain Conv1Ds first
-        self.c_fc = MatConv1D(config.n_inner[layer_idx], config.hidden_size, nested="out")
-        self.c_proj = MatConv1D(config.hidden_size, config.n_inner[layer_idx], nested="in")
+        self.c_fc = MatConv1D(config.n_inner[layer_idx], config.hidden_size, nested=NESTED_FFN_DIMS["c_fc"])
+        self.c_proj = MatConv1D(config.hidden_size, config.n_inner[layer_idx], nested=NESTED_FFN_DIMS["c_proj"])
         self.act = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -245,16 +262,12 @@ class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
         kept = min(pretrained_width, config.n_inner[0])
         target = model.state_dict()
         for layer_idx in range(config.n_layer):
-            prefix = f"transformer.h.{layer_idx}.mlp."
-            grown_fc_weight = target[prefix + "c_fc.weight"].clone()  # (d, W): new columns keep the fresh init
-            grown_fc_weight[:, :kept] = state[prefix + "c_fc.weight"][:, :kept]
-            grown_fc_bias = torch.zeros_like(target[prefix + "c_fc.bias"])
-            grown_fc_bias[:kept] = state[prefix + "c_fc.bias"][:kept]
-            grown_proj_weight = torch.zeros_like(target[prefix + "c_proj.weight"])  # (W, d): new rows are zero
-            grown_proj_weight[:kept] = state[prefix + "c_proj.weight"][:kept]
-            state[prefix + "c_fc.weight"] = grown_fc_weight
-            state[prefix + "c_fc.bias"] = grown_fc_bias
-            state[prefix + "c_proj.weight"] = grown_proj_weight
+            for name, dim in nested_ffn_parameters(layer_idx).items():
+                # New hidden units read their input through the fresh init of `c_fc.weight`; their bias and their
+                # `c_proj` rows (what they add to the output) start at zero.
+                grown = target[name].clone() if name.endswith("c_fc.weight") else torch.zeros_like(target[name])
+                grown.narrow(dim, 0, kept).copy_(state[name].narrow(dim, 0, kept))
+                state[name] = grown
         model.load_state_dict(state, strict=False)
         return model
 
@@ -279,13 +292,11 @@ def _reorder_neurons_by_importance(
         for hook in hooks:
             hook.remove()
     for layer_idx, hidden in activations.items():
-        prefix = f"transformer.h.{layer_idx}.mlp."
-        proj_weight = state[prefix + "c_proj.weight"]  # (n, d)
+        proj_weight = state[f"transformer.h.{layer_idx}.mlp.c_proj.weight"]  # (n, d)
         importance = hidden.abs().flatten(0, -2).float().mean(0) * proj_weight.float().norm(dim=1)  # (n,)
         order = importance.argsort(descending=True)
-        state[prefix + "c_fc.weight"] = state[prefix + "c_fc.weight"][:, order]
-        state[prefix + "c_fc.bias"] = state[prefix + "c_fc.bias"][order]
-        state[prefix + "c_proj.weight"] = proj_weight[order]
+        for name, dim in nested_ffn_parameters(layer_idx).items():
+            state[name] = state[name].index_select(dim, order)
 
 
-__all__ = ["MatGPT2LMHeadModel", "MatGPT2Model", "MatGPT2PreTrainedModel"]
+__all__ = ["NESTED_FFN_DIMS", "MatGPT2LMHeadModel", "MatGPT2Model", "MatGPT2PreTrainedModel", "nested_ffn_parameters"]
