@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_matta import MatGPT2LMHeadModel
-from hf_matta.cli import load_heldout_blocks
+from hf_matta.data import load_heldout_blocks
 from hf_matta.extract import extract_student, mix_n_match, search_plans, validation_loss
 from hf_matta.widths import count_parameters, format_plan, uniform_plans
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_matta.cli import load_heldout_blocks, main, parse_budget
+from hf_matta.cli import main, parse_budget
+from hf_matta.data import load_heldout_blocks
 from hf_matta.extract import mix_n_match
 from hf_matta.widths import count_parameters, format_plan, plan_name
 

@@ -16,8 +16,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig
 
+from .data import load_heldout_blocks, load_tokenizer
 from .extract import (
     STRATEGIES,
     PlanPoint,
@@ -32,7 +33,6 @@ from .widths import check_budgets, check_plan, count_parameters, format_plan, pa
 
 
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def parse_budget(text: str) -> int:
@@ -183,7 +183,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if plans is None:
         plans = [point.widths for point in mix_n_match(model, "search", args.budgets, input_ids, args.batch_size)]
         _check_out_dirs(args, plans)
-    tokenizer = _load_tokenizer(args.model_dir)
+    tokenizer = load_tokenizer(args.model_dir)
     for widths in dict.fromkeys(plans):  # two budgets can share a plan: extract it once
         student = extract_student(model, widths)
         out_dir = save_student(student, args.out / plan_name(widths), tokenizer, overwrite=args.overwrite)
@@ -220,7 +220,7 @@ def _load_model_and_data(
     input_ids = None
     if args.data is not None:
         block_size = args.block_size or min(config.n_positions, 1024)
-        tokenizer = _load_tokenizer(args.model_dir)
+        tokenizer = load_tokenizer(args.model_dir)
         input_ids = load_heldout_blocks(
             args.data, tokenizer, block_size, args.max_blocks, args.validation_split_percentage, args.seed
         )
@@ -233,56 +233,6 @@ def _load_model_and_data(
     if need_model or input_ids is not None:
         model = MatGPT2LMHeadModel.from_pretrained(args.model_dir)
     return model, input_ids
-
-
-def load_heldout_blocks(
-    data: str,
-    tokenizer: PreTrainedTokenizerBase | None,
-    block_size: int,
-    max_blocks: int,
-    validation_split_percentage: float = 5.0,
-    seed: int = 42,
-) -> torch.LongTensor:
-    """Held-out token blocks (N, T) to measure plans on.
-
-    `data` is a `.pt` file holding a (N, T) tensor of token ids, a `.txt`/`.jsonl` file (all of it held out) or the
-    name of a built-in corpus (the validation split that `validation_split_percentage` and `seed` draw, as in
-    training). Text goes through `hf_matta.data`'s loading and packing.
-    """
-    if data.endswith(".pt"):
-        if not Path(data).is_file():
-            raise FileNotFoundError(f"--data {data!r} does not exist; give a .pt file of token ids or a text file.")
-        input_ids = torch.load(data, weights_only=True)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"--data {data!r} must hold a 2-D integer tensor of token ids (N, T).")
-        return input_ids[:max_blocks].long()
-    if tokenizer is None:
-        raise ValueError(f"--data {data!r} is text, but MODEL_DIR has no tokenizer; give token ids as a .pt file.")
-    from . import data as data_module  # datasets is only imported when text is given
-
-    if data in data_module.BUILTIN_CORPORA:
-        data_args = data_module.DataArguments(
-            builtin_corpus=data,
-            block_size=block_size,
-            validation_split_percentage=validation_split_percentage,
-            max_eval_samples=max_blocks,
-        )
-        split = "validation"
-    else:
-        data_args = data_module.DataArguments(
-            train_file=data, block_size=block_size, validation_split_percentage=0, max_train_samples=max_blocks
-        )
-        split = "train"
-    raw = data_module.load_corpus(data_args, seed=seed)
-    blocks = data_module.tokenize_and_pack(raw, tokenizer, data_args)[split]
-    return torch.tensor(blocks["input_ids"], dtype=torch.long)
-
-
-def _load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:
-    """The model folder's tokenizer, or None if it has none."""
-    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def _check_out_dirs(args: argparse.Namespace, plans: Sequence[Sequence[int]]) -> None:

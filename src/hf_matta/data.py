@@ -22,14 +22,18 @@ from functools import partial
 from pathlib import Path
 
 import datasets
+import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from datasets.fingerprint import Hasher
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .files import atomic_folder, is_empty_folder, write_text_atomic
 
 
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's only special token: document separator, bos, eos and unk at once
 _TOKENIZE_BATCH = 1000  # documents per `map` batch; each batch drops < block_size tokens at its end
 _LOCAL_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")  # any one marks a saved tokenizer
 
 
 def _pydoc_topics() -> list[str]:
@@ -205,19 +209,41 @@ def load_corpus(data_args: DataArguments, seed: int = 42) -> DatasetDict | Itera
     return raw
 
 
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with a model or on its own: a local folder's (any kind `AutoTokenizer` reads, e.g. GPT-2's
+    `vocab.json` + `merges.txt`) or a Hub repo's; None when the folder or repo holds none (or does not exist)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError):  # no such repo, no tokenizer files in it, or not a valid repo id
+        return None
+
+
 def load_or_train_tokenizer(
     path: str | os.PathLike, corpus: Dataset | IterableDataset, text_column: str, vocab_size: int
 ) -> PreTrainedTokenizerBase:
-    """The tokenizer saved at `path` (any kind `AutoTokenizer` reads, e.g. GPT-2's `vocab.json` + `merges.txt`), or
-    a ByteLevel BPE trained on `corpus` and saved there (seconds on 0.5 MB).
+    """The tokenizer saved at `path`, or a ByteLevel BPE trained on `corpus` and saved there (seconds on 0.5 MB).
 
     A saved one is reused as it is: delete the folder to train a new one (for example after changing the corpus).
+    The folder is written atomically, so an interrupted run leaves no half-saved tokenizer to be reused; a folder that
+    holds other files but no tokenizer is refused rather than overwritten.
     """
     path = Path(path)
-    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path) if path.is_dir() else None
+    if tokenizer is not None:
+        return tokenizer
+    if not is_empty_folder(path):
+        raise FileExistsError(
+            f"tokenizer folder {str(path)!r} holds files but no tokenizer ({sorted(p.name for p in path.iterdir())[:5]}"
+            "): give a folder with a saved tokenizer, or a new or empty one to receive a trained BPE."
+        )
     tokenizer = train_bpe_tokenizer((row[text_column] for row in corpus), vocab_size)
-    tokenizer.save_pretrained(path)
+    with atomic_folder(path, replace=True) as tmp:
+        tokenizer.save_pretrained(tmp)
     return tokenizer
 
 
@@ -293,6 +319,46 @@ def tokenize_and_pack(
     return type(raw)(packed)
 
 
+def load_heldout_blocks(
+    data: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    block_size: int,
+    max_blocks: int | None = None,
+    validation_split_percentage: float = DataArguments.validation_split_percentage,
+    seed: int = 42,
+) -> torch.LongTensor:
+    """Held-out token blocks (N, T) to measure a model on.
+
+    `data` is a `.pt` file holding a (N, T) tensor of token ids, a `.txt`/`.jsonl` file (all of it held out) or the
+    name of a built-in corpus (the validation split that `validation_split_percentage` and `seed` draw, as
+    `load_corpus` draws it for training). Text goes through `load_corpus` and `tokenize_and_pack`.
+    """
+    if data.endswith(".pt"):
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"--data {data!r} does not exist; give a .pt file of token ids or a text file.")
+        input_ids = torch.load(data, weights_only=True)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"--data {data!r} must hold a 2-D integer tensor of token ids (N, T).")
+        return input_ids[:max_blocks].long()
+    if tokenizer is None:
+        raise ValueError(f"--data {data!r} is text, but there is no tokenizer to read it; give token ids as a .pt file.")
+    if data in BUILTIN_CORPORA:
+        data_args = DataArguments(
+            builtin_corpus=data,
+            block_size=block_size,
+            validation_split_percentage=validation_split_percentage,
+            max_eval_samples=max_blocks,
+        )
+        split = "validation"
+    else:
+        data_args = DataArguments(
+            train_file=data, block_size=block_size, validation_split_percentage=0, max_train_samples=max_blocks
+        )
+        split = "train"
+    blocks = tokenize_and_pack(load_corpus(data_args, seed=seed), tokenizer, data_args)[split]
+    return torch.tensor(blocks["input_ids"], dtype=torch.long)
+
+
 def _tokenize_and_pack(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerFast, text_column: str, block_size: int
 ) -> dict[str, list[list[int]]]:
@@ -325,10 +391,7 @@ def _write_builtin_corpus(name: str, text_column: str) -> Path:
     digest = hashlib.sha256(lines.encode()).hexdigest()[:16]
     path = Path(datasets.config.HF_DATASETS_CACHE) / "hf_matta_corpora" / f"{name}-{digest}.jsonl"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(lines)
-        os.replace(tmp, path)
+        write_text_atomic(path, lines)
     return path
 
 
@@ -382,7 +445,9 @@ __all__ = [
     "DataArguments",
     "check_block_size",
     "load_corpus",
+    "load_heldout_blocks",
     "load_or_train_tokenizer",
+    "load_tokenizer",
     "tokenize_and_pack",
     "train_bpe_tokenizer",
 ]

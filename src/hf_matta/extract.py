@@ -114,15 +114,28 @@ def save_student(
 
 
 @torch.no_grad()
-def validation_loss(model: MatGPT2LMHeadModel, input_ids: torch.LongTensor, plan: Plan, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy of `model` at `plan` over held-out blocks `input_ids` (N, T), in eval mode."""
+def validation_loss(
+    model: PreTrainedModel, input_ids: torch.LongTensor, plan: Plan = None, batch_size: int = 8
+) -> float:
+    """Mean next-token cross-entropy of a causal LM over held-out blocks `input_ids` (N, T), in eval mode.
+
+    Args:
+        model: any causal LM that takes `labels` (a stock `GPT2LMHeadModel`, an extracted student, a teacher), or a
+            nested `MatGPT2LMHeadModel`, which runs at `plan`.
+        input_ids: held-out token blocks (N, T); every row has T - 1 predictions, so rows weigh equally.
+        plan: FFN widths of a nested model (`None`: its full width); only a `MatGPT2LMHeadModel` takes one.
+        batch_size: rows per forward pass.
+    """
+    if plan is not None and not isinstance(model, MatGPT2LMHeadModel):
+        raise ValueError(f"plan={plan!r} needs a nested MatGPT2LMHeadModel; {type(model).__name__} has one width.")
+    widths = {} if plan is None else {"ffn_widths": plan}
     was_training = model.training
     model.eval()
     try:
         total = 0.0
-        for batch in input_ids.split(batch_size):  # (b, T): every row has T - 1 predictions, so rows weigh equally
+        for batch in input_ids.split(batch_size):  # (b, T)
             batch = batch.to(model.device)
-            total += model(batch, labels=batch, ffn_widths=plan).loss.item() * len(batch)
+            total += model(batch, labels=batch, **widths).loss.item() * len(batch)
     finally:
         model.train(was_training)
     return total / len(input_ids)
