@@ -36,6 +36,8 @@ BAD_ARGS = [  # (field values, text the error must hold)
     (dict(distill_temperature=0.0), "distill_temperature=0.0"),
     (dict(teacher_temperature=-1.0), "teacher_temperature=-1.0"),
     (dict(distill_warmup_steps=-3), "distill_warmup_steps=-3"),
+    (dict(ta_first_steps=-1), "ta_first_steps=-1"),
+    (dict(student_warmup_steps=-0.5), "student_warmup_steps=-0.5"),
     (dict(teacher_weight=1.5), "teacher_weight=1.5"),
     (dict(extra_widths="some"), "extra_widths='some'"),
     (dict(width_schedule="random"), "width_schedule='random'"),
@@ -74,6 +76,30 @@ def test_arguments_parse_from_the_command_line(tmp_path):
 def test_distill_weight_ramps_linearly(tmp_path, warmup, step, expected):
     args = _args(tmp_path, distill_weight=2.0, distill_warmup_steps=warmup)
     assert args.distill_weight_at(step, num_training_steps=100) == pytest.approx(expected)
+
+
+SCHEDULES = [  # (ta_first_steps, student_warmup_steps, distill_warmup_steps, step, (w_S, w_D)) of 100 steps
+    (0, 0, 0, 0, (3.0, 2.0)),
+    (10, 0, 0, 9, (0.0, 0.0)),
+    (10, 0, 0, 10, (3.0, 2.0)),
+    (10, 20, 10, 15, (0.75, 1.0)),
+    (10, 20, 10, 30, (3.0, 2.0)),
+    (0.2, 0.1, 0.4, 19, (0.0, 0.0)),
+    (0.2, 0.1, 0.4, 25, (1.5, 0.25)),
+    (0.2, 0, 0.4, 60, (3.0, 2.0)),
+]
+
+
+@pytest.mark.parametrize("ta_first,student_warmup,distill_warmup,step,expected", SCHEDULES)
+def test_ta_first_phase_then_student_and_distillation_ramp_in(
+    tmp_path, ta_first, student_warmup, distill_warmup, step, expected
+):
+    args = _args(
+        tmp_path, student_weight=3.0, distill_weight=2.0, ta_first_steps=ta_first,
+        student_warmup_steps=student_warmup, distill_warmup_steps=distill_warmup,
+    )  # fmt: skip
+    weights = (args.student_weight_at(step, 100), args.distill_weight_at(step, 100))
+    assert weights == pytest.approx(expected)
 
 
 # ---- MatTATrainer ----
@@ -138,7 +164,10 @@ def _trainer(tmp_path, model=None, teacher=None, data=None, **overrides) -> MatT
     )
 
 
-TERMS = ["loss", "loss_student", "loss_ta", "loss_distill", "loss_w32", "loss_distill_w32", "distill_weight"]
+TERMS = [
+    "loss", "loss_student", "loss_ta", "loss_distill", "loss_w32", "loss_distill_w32", "student_weight",
+    "distill_weight",
+]
 
 
 def test_short_run_lowers_student_and_ta_and_logs_every_term(tmp_path, teacher):
@@ -164,6 +193,22 @@ def test_short_run_lowers_student_and_ta_and_logs_every_term(tmp_path, teacher):
     trainer.save_model(str(tmp_path / "final"))
     saved = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert set(saved) <= set(trainer.model.state_dict())
+
+
+def test_ta_first_phase_skips_the_student_forward(tmp_path):
+    """While the TA goes first no forward runs below full width; afterwards the student's terms are back."""
+    trainer = _trainer(tmp_path, ta_first_steps=10, extra_widths="all", max_steps=20)
+    widths_by_step: dict[int, set] = {}
+    trainer.model.transformer.h[0].mlp.c_fc.register_forward_pre_hook(
+        lambda module, args: widths_by_step.setdefault(trainer.state.global_step, set()).add(args[1])
+    )
+    trainer.train()
+    assert all(widths_by_step[step] == {64} for step in range(10)), widths_by_step
+    assert all(widths_by_step[step] == {16, 32, 64} for step in range(10, 20)), widths_by_step
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [("loss_student" in entry, entry["student_weight"]) for entry in logs] == [
+        (False, 0.0), (False, 0.0), (True, 1.0), (True, 1.0)
+    ]
 
 
 GA_CASES = [  # MatTA settings that every micro-batch split must leave unchanged

@@ -35,7 +35,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 from transformers.utils import logging
 from transformers.utils.peft_utils import find_adapter_config_file
 
-from .losses import MatTALoss, count_valid_tokens, cross_entropy, matta_loss
+from .diagnostics import FFNSplitProbe, ffn_split_metrics
+from .losses import MatTALoss, count_valid_tokens, cross_entropy, kl_divergence, matta_loss
 from .models.matgpt2 import MatGPT2LMHeadModel
 from .training_args import SHAMPOO_OPTIMIZERS, MatTATrainingArguments
 
@@ -186,7 +187,7 @@ class MatTATrainer(Trainer):
         self.teacher = teacher_model
         self._teacher_prepared = False
         self._window = _TermWindow()
-        self._eval_sums: dict[int, torch.Tensor] = {}
+        self._eval_sums: dict[int | str, torch.Tensor] = {}  # width or diagnostic -> sums
         self._preemption = _PreemptionCallback(self._any_process)
         self.add_callback(self._preemption)
 
@@ -290,6 +291,10 @@ class MatTATrainer(Trainer):
             extras = [rng.choice(extras)]
         students = [config.student_width, *extras]
         ta_trained = config.student_width != ta_width and args.ta_weight > 0
+        step, total = self.state.global_step, self.state.max_steps
+        student_off = args.student_weight_at(step, total) == args.distill_weight_at(step, total) == 0
+        if student_off and ta_trained and not evaluating:
+            students = []  # the TA goes first: no student or distillation term, so no student forward at all
         if args.width_schedule == "sample_one" and not evaluating:
             chosen = rng.choice([*students, *([ta_width] if ta_trained else [])])
             return ([] if chosen == ta_width else [chosen]), chosen == ta_width
@@ -315,7 +320,10 @@ class MatTATrainer(Trainer):
         students, ta_trained = self._granularities(evaluating)
         ta_width = config.mat_widths[-1]
         has_ta = config.student_width != ta_width  # with a single granularity the student is the whole model
-        distill_weight = args.distill_weight_at(self.state.global_step, self.state.max_steps)
+        step, total = self.state.global_step, self.state.max_steps
+        student_weight, distill_weight = args.student_weight_at(step, total), args.distill_weight_at(step, total)
+        if evaluating:  # every term at its full weight, whatever the schedule
+            student_weight, distill_weight = args.student_weight, args.distill_weight
         logits: dict[int, torch.Tensor] = {}
         for width in students:
             logits[width] = model(**model_inputs, ffn_widths=width, use_cache=False).logits  # (B, T, V)
@@ -334,7 +342,7 @@ class MatTATrainer(Trainer):
             ta_logits=logits.get(ta_width) if run_ta else None,
             teacher_logits=teacher_logits,
             extra_logits={width: logits[width] for width in students if width != config.student_width},
-            student_weight=args.student_weight,
+            student_weight=student_weight,
             ta_weight=args.ta_weight if ta_trained else 0.0,
             distill_weight=distill_weight,
             distill_temperature=args.distill_temperature,
@@ -360,8 +368,9 @@ class MatTATrainer(Trainer):
             step = self.state.global_step
             for name, value in terms.items():
                 self._window.add(step, f"loss_{name}", value)
-            distill_weight = self.args.distill_weight_at(step, self.state.max_steps)
-            self._window.add(step, "distill_weight", torch.tensor(distill_weight, device=total.device), True)
+            for name in ("student_weight", "distill_weight"):
+                weight = getattr(self.args, f"{name}_at")(step, self.state.max_steps)
+                self._window.add(step, name, torch.tensor(weight, device=total.device), True)
         if return_outputs:
             return total, {"loss": total, "logits": logits.get(self._config.student_width)}
         return total
@@ -382,18 +391,26 @@ class MatTATrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The objective on an evaluation batch (every term at once), plus the cross-entropy sum and token count of
-        every granularity, accumulated for `eval_loss_w{w}` and `eval_ppl_w{w}`."""
+        every granularity, accumulated for `eval_loss_w{w}` and `eval_ppl_w{w}`, and the collapse diagnostics
+        (`hf_matta.diagnostics`): KL(TA || student) and the split of the TA's FFN outputs by neuron."""
         inputs = self._prepare_inputs(inputs)
-        config = self._config
+        config, chunk_size = self._config, self.args.loss_chunk_size or None
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, logits = self.matta_loss(model, inputs, evaluating=True)
+            with FFNSplitProbe(self.accelerator.unwrap_model(model), config.student_width) as probe:
+                loss, logits = self.matta_loss(model, inputs, evaluating=True)
             labels = inputs["labels"]
             model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            ta_width = config.mat_widths[-1]
+            if config.student_width != ta_width:  # is the TA teaching anything? (hf_matta.diagnostics)
+                student_logits = logits[config.student_width]
+                kl_sum = kl_divergence(logits[ta_width], student_logits, labels, 1, chunk_size=chunk_size)
+                self._eval_sums["kl_ta_student"] = self._eval_sums.get("kl_ta_student", 0.0) + kl_sum
+                self._eval_sums["ffn_split"] = self._eval_sums.get("ffn_split", 0.0) + probe.sums
             for width in config.mat_widths:
                 width_logits = logits.get(width)
                 if width_logits is None:
                     width_logits = model(**model_inputs, ffn_widths=width, use_cache=False).logits
-                ce_sum = cross_entropy(width_logits, labels, num_items=1, chunk_size=self.args.loss_chunk_size or None)
+                ce_sum = cross_entropy(width_logits, labels, num_items=1, chunk_size=chunk_size)
                 sums = torch.stack([ce_sum, count_valid_tokens(labels).to(ce_sum)])
                 self._eval_sums[width] = self._eval_sums.get(width, 0.0) + sums
         if prediction_loss_only:
@@ -407,12 +424,16 @@ class MatTATrainer(Trainer):
         over all processes)."""
         self._eval_sums = {}
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        for width, sums in sorted(self._eval_sums.items()):
-            ce_sum, tokens = self.accelerator.reduce(sums, "sum").tolist()
-            loss = ce_sum / max(tokens, 1)
+        sums = {key: self.accelerator.reduce(value, "sum") for key, value in sorted(self._eval_sums.items(), key=str)}
+        self._eval_sums = {}
+        tokens = max(sums[self._config.student_width][1].item(), 1)
+        for width in self._config.mat_widths:
+            loss = sums[width][0].item() / tokens
             output.metrics[f"{metric_key_prefix}_loss_w{width}"] = loss
             output.metrics[f"{metric_key_prefix}_ppl_w{width}"] = math.exp(min(loss, 100.0))
-        self._eval_sums = {}
+        if "kl_ta_student" in sums:
+            output.metrics[f"{metric_key_prefix}_kl_ta_student"] = sums["kl_ta_student"].item() / tokens
+            output.metrics.update(ffn_split_metrics(sums["ffn_split"], prefix=f"{metric_key_prefix}_"))
         return output
 
     def train(self, *args, **kwargs):

@@ -26,17 +26,27 @@ class MatTATrainingArguments(TrainingArguments):
 
     With z_T, z_A, z_S the teacher, TA (full width) and student logits (DESIGN.md):
     `target(z) = (1 - teacher_weight) CE(y, z) + teacher_weight KL_teacher_temperature(z_T || z)` and
-    `L = student_weight target(z_S) + ta_weight target(z_A) + w_D(t) KL_distill_temperature(sg(z_A) || z_S)`,
-    where `w_D(t)` ramps linearly from 0 to `distill_weight` over `distill_warmup_steps`.
+    `L = w_S(t) target(z_S) + ta_weight target(z_A) + w_D(t) KL_distill_temperature(sg(z_A) || z_S)`.
+
+    The schedule: for the first `ta_first_steps` optimizer steps only the TA trains (w_S(t) = w_D(t) = 0, and the
+    student's forward is skipped), so that the TA leads; then w_S(t) ramps linearly from 0 to `student_weight` over
+    `student_warmup_steps` and w_D(t) from 0 to `distill_weight` over `distill_warmup_steps`. With both step counts
+    at 0 (the default) every term is on from the first step.
 
     Parameters:
-        student_weight (`float`, defaults to 1.0): w_S, the weight of the student's `target(z_S)`; also the weight of
-            every extra width's `target(z_w)`.
+        student_weight (`float`, defaults to 1.0): w_S, the weight of the student's `target(z_S)` once warm; also
+            the weight of every extra width's `target(z_w)`.
         ta_weight (`float`, defaults to 1.0): w_A, the weight of the TA's `target(z_A)`.
         distill_weight (`float`, defaults to 1.0): w_D, the weight of the TA -> student distillation term once warm.
         distill_temperature (`float`, defaults to 1.0): tau_D of the TA -> student KL (scaled by tau_D^2).
-        distill_warmup_steps (`float`, defaults to 0): optimizer steps over which `w_D` ramps linearly from 0; a
-            float in (0, 1) is a fraction of the total training steps, as Transformers' `warmup_steps`.
+        distill_warmup_steps (`float`, defaults to 0): optimizer steps over which `w_D` ramps linearly from 0, counted
+            from the end of the TA-first phase; a float in (0, 1) is a fraction of the total training steps, as
+            Transformers' `warmup_steps`.
+        ta_first_steps (`float`, defaults to 0): optimizer steps at the start of training during which only the TA's
+            term trains (the student's and extra widths' terms and the distillation term are off, their forwards
+            skipped); int steps or a fraction of training, as `distill_warmup_steps`.
+        student_warmup_steps (`float`, defaults to 0): optimizer steps over which w_S (the student's and the extra
+            widths' target weight) ramps linearly from 0 after the TA-first phase; int steps or a fraction.
         detach_ta_targets (`bool`, defaults to `True`): stop the distillation gradient at the TA (its logits are a
             fixed target for the student); `False` lets it flow into the TA too.
         teacher_model_name_or_path (`str`, *optional*): the frozen teacher: a model path or Hub id, or a PEFT
@@ -76,6 +86,20 @@ class MatTATrainingArguments(TrainingArguments):
         metadata={
             "help": "Optimizer steps over which w_D ramps linearly from 0: an int, or a float in (0, 1) as a "
             "fraction of the total training steps (>= 0)."
+        },
+    )
+    ta_first_steps: float = field(
+        default=0,
+        metadata={
+            "help": "Steps at the start during which only the TA trains (student and distillation terms off, the "
+            "student's forward skipped): an int, or a float in (0, 1) as a fraction of training (>= 0)."
+        },
+    )
+    student_warmup_steps: float = field(
+        default=0,
+        metadata={
+            "help": "Steps over which w_S ramps linearly from 0 after the TA-first phase: an int, or a float in "
+            "(0, 1) as a fraction of training (>= 0)."
         },
     )
     detach_ta_targets: bool = field(
@@ -148,7 +172,10 @@ class MatTATrainingArguments(TrainingArguments):
 
     def _check_matta_fields(self) -> None:
         """Range-check the MatTA fields before Transformers' own (cheap) checks and set-up."""
-        for name in ("student_weight", "ta_weight", "distill_weight", "distill_warmup_steps"):
+        for name in (
+            "student_weight", "ta_weight", "distill_weight", "distill_warmup_steps", "ta_first_steps",
+            "student_warmup_steps",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
         if self.student_weight == self.ta_weight == self.distill_weight == 0:
@@ -179,16 +206,27 @@ class MatTATrainingArguments(TrainingArguments):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}.")
 
-    def get_distill_warmup_steps(self, num_training_steps: int) -> int:
-        """Steps of the distillation warm-up: `distill_warmup_steps`, or its fraction of `num_training_steps`."""
-        if self.distill_warmup_steps >= 1:
-            return int(self.distill_warmup_steps)
-        return math.ceil(num_training_steps * self.distill_warmup_steps)
+    def schedule_steps(self, value: float, num_training_steps: int) -> int:
+        """A schedule length given as int steps (>= 1) or as a fraction in (0, 1) of `num_training_steps`."""
+        if value >= 1:
+            return int(value)
+        return math.ceil(num_training_steps * value)
+
+    def _ramp(self, step: int, num_training_steps: int, warmup: float) -> float:
+        """0 during the TA-first phase, then a linear ramp from 0 to 1 over `warmup` steps (1 at once if 0)."""
+        elapsed = step - self.schedule_steps(self.ta_first_steps, num_training_steps)
+        length = self.schedule_steps(warmup, num_training_steps)
+        if elapsed < 0:
+            return 0.0
+        return min(1.0, elapsed / length) if length > 0 else 1.0
+
+    def student_weight_at(self, step: int, num_training_steps: int) -> float:
+        """w_S(t) at optimizer step `step` (0-based): 0 while the TA goes first, then ramped to `student_weight`."""
+        return self.student_weight * self._ramp(step, num_training_steps, self.student_warmup_steps)
 
     def distill_weight_at(self, step: int, num_training_steps: int) -> float:
-        """w_D(t): `distill_weight` ramped linearly from 0 over the warm-up, at optimizer step `step` (0-based)."""
-        warmup = self.get_distill_warmup_steps(num_training_steps)
-        return self.distill_weight * min(1.0, step / warmup) if warmup > 0 else self.distill_weight
+        """w_D(t) at optimizer step `step` (0-based): 0 while the TA goes first, then ramped to `distill_weight`."""
+        return self.distill_weight * self._ramp(step, num_training_steps, self.distill_warmup_steps)
 
 
 __all__ = ["MatTATrainingArguments"]
