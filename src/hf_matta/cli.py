@@ -3,6 +3,7 @@
     hf-matta plans MODEL_DIR [--budgets 10M,20M] [--strategy uniform|block|search] [--data DATA]
     hf-matta extract MODEL_DIR --plan 64 --plan 32,128,64 --out DIR [--overwrite]
     hf-matta extract MODEL_DIR --budgets 10M,20M [--strategy ...] [--data DATA] --out DIR
+    hf-matta eval STUDENT [STUDENT ...] [--tasks agieval_sat_math,lambada_openai] [--data-dir DIR] [--baseline MODEL]
 
 MODEL_DIR is a trained nested model (a `MatGPT2LMHeadModel` folder, as the training recipe saves it). Every argument is
 checked before the model's weights are loaded; every output folder before anything is written.
@@ -132,7 +133,78 @@ def add_extract_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_extract)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_plans_command, add_extract_command]
+def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    """`hf-matta eval`: lm-eval-harness tasks on students; the work is `hf_matta.evaluation.evaluate_students`."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="Run lm-eval-harness tasks (SAT Math, LAMBADA, any other) on students; write a table and a plot.",
+        description="Evaluate students with lm-eval-harness and write OUTPUT_DIR/results.json, results.md and "
+        "elastic_curve.png (score against parameters). A nested MatGPT2 folder stands for its plans (every "
+        "granularity, or --plan), extracted in memory. Offline: --data-dir DIR for the two default tasks, or "
+        "--tasks lambada_heldout (last words of the training corpus' held-out split; needs no data).",
+    )
+    parser.add_argument(
+        "students", nargs="+", metavar="STUDENT", help="A student folder, a Hub id, or a nested MatGPT2 folder."
+    )
+    parser.add_argument(
+        "--plan", action="append", type=_plan_argument, help="A plan of the nested model(s) to evaluate (repeat)."
+    )
+    parser.add_argument(
+        "--tasks", default="agieval_sat_math,lambada_openai", help="lm-eval task names, comma-separated."
+    )
+    parser.add_argument(
+        "--data-dir",
+        help="Folder with lambada_test.jsonl and sat-math.lm-eval.jsonl or sat-math.jsonl (AGIEval's raw schema): "
+        "the default tasks read these instead of the Hub.",
+    )
+    parser.add_argument("--limit", type=float, help="Documents per task (a fraction below 1); for quick checks.")
+    parser.add_argument("--num-fewshot", type=int, help="Few-shot examples (default: each task's own).")
+    parser.add_argument(
+        "--batch-size", default="8", type=lambda text: int(text) if text.isdigit() else text, help="Or 'auto'."
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when available).")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16.")
+    parser.add_argument("--output-dir", type=Path, default=Path("eval_results"), help="Default: ./eval_results.")
+    parser.add_argument(
+        "--baseline", help="A model folder / Hub id, or an evaluated student's name: relative improvements over it."
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace results already in --output-dir.")
+    parser.add_argument("--trust-remote-code", action="store_true", help="Load models that need their own code.")
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate, print the table, the elapsed time and where the files are."""
+    from .evaluation import evaluate_students, results_markdown  # lm-eval and matplotlib load for this command only
+
+    results = evaluate_students(
+        args.students,
+        args.tasks,
+        plans=args.plan,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        output_dir=args.output_dir,
+        baseline=args.baseline,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(results_markdown(results))
+    print(
+        f"{len(results['students'])} models x {len(results['tasks'])} tasks in {results['run']['seconds']:.1f} s; "
+        f"results.json, results.md and elastic_curve.png in {args.output_dir}"
+    )
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_plans_command,
+    add_extract_command,
+    add_eval_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
