@@ -1,6 +1,7 @@
 """hf_matta.data: sources, held-out split, packing, the tokenisation cache, the tokenizer, and every input error."""
 
 import json
+import sys
 
 import datasets
 import pytest
@@ -8,7 +9,14 @@ from datasets import IterableDataset
 from transformers import PreTrainedTokenizerFast
 
 from hf_matta import data
-from hf_matta.data import DataArguments, check_block_size, load_corpus, load_or_train_tokenizer, tokenize_and_pack
+from hf_matta.data import (
+    DataArguments,
+    _python_docs,
+    check_block_size,
+    load_corpus,
+    load_or_train_tokenizer,
+    tokenize_and_pack,
+)
 
 
 DOCUMENTS = [f"Document {i}: the quick brown fox jumps over the lazy dog {i} times. " * (1 + i % 3) for i in range(40)]
@@ -191,3 +199,13 @@ def test_block_size_above_context_is_refused():
 def test_too_small_tokenizer_vocabulary_is_refused():
     with pytest.raises(ValueError, match="vocab_size=200 leaves no room"):
         data.train_bpe_tokenizer(DOCUMENTS, vocab_size=200)
+
+
+def test_python_docs_reads_every_source_in_path_order(tmp_path):
+    sources = tmp_path / f"python{sys.version_info.major}.{sys.version_info.minor}" / "html" / "_sources"
+    (sources / "library").mkdir(parents=True)
+    (sources / "library" / "os.rst.txt").write_text(":mod:`os` --- Miscellaneous operating system interfaces")
+    (sources / "glossary.rst.txt").write_text("Glossary\n========")
+    assert _python_docs(tmp_path) == ["Glossary\n========", ":mod:`os` --- Miscellaneous operating system interfaces"]
+    with pytest.raises(FileNotFoundError, match=r"apt-get install python3\.\d+-doc"):
+        _python_docs(tmp_path / "missing")

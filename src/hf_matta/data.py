@@ -16,6 +16,7 @@ the bad value, before any tokenisation or training starts.
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,7 +44,24 @@ def _pydoc_topics() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {"pydoc_data.topics": _pydoc_topics}
+def _python_docs(root: Path = Path("/usr/share/doc")) -> list[str]:
+    """The reStructuredText sources of Python's documentation as Debian's `python3.X-doc` package installs them: about
+    11 MB of English prose and code in some 500 documents (4.2 M tokens at a 1024-token BPE), several million tokens
+    for models to train on without repeating, offline. One document per source file, in path order."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    roots = sorted(root.glob("python3*/html/_sources"), key=lambda sources: version not in str(sources))
+    if not roots:
+        raise FileNotFoundError(
+            "builtin_corpus='python-docs' reads the sources of Python's documentation, which are not installed: "
+            f"`apt-get install {version}-doc` (Debian, Ubuntu) puts them in {root}/{version}/html/_sources."
+        )
+    return [path.read_text(errors="replace") for path in sorted(roots[0].rglob("*.txt"))]
+
+
+BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {
+    "pydoc_data.topics": _pydoc_topics,
+    "python-docs": _python_docs,
+}
 
 
 @dataclass
