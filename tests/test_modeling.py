@@ -120,6 +120,23 @@ def test_from_gpt2_calibration_puts_important_neurons_first(input_ids):
     assert (plain(input_ids, ffn_widths=32).logits - expected).abs().max() > 1e-3
 
 
+def test_reordering_the_ta_neurons_keeps_student_and_ta_and_fills_the_widths_between(input_ids):
+    model = tiny_matgpt2(mat_widths=[16, 64, 128])
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_proj.weight[16:72] = 0  # TA-only neurons 16..72 contribute nothing, 72..128 do
+    student, ta = model(input_ids, ffn_widths=16).logits, model(input_ids).logits
+    before = model(input_ids, ffn_widths=64).logits
+    model.reorder_neurons_by_importance(input_ids)
+    torch.testing.assert_close(model(input_ids, ffn_widths=16).logits, student, atol=ATOL, rtol=0)
+    torch.testing.assert_close(model(input_ids).logits, ta, atol=ATOL, rtol=0)  # a permutation of neurons 16..128
+    for block in model.transformer.h:  # the 56 neurons that matter now come right after the student's
+        assert block.mlp.c_proj.weight[16:72].abs().sum(dim=1).min() > 0
+        assert block.mlp.c_proj.weight[72:].abs().sum() == 0
+    after = model(input_ids, ffn_widths=64).logits
+    assert (after - ta).abs().max() < (before - ta).abs().max()
+
+
 GENERATION_PLANS = {"narrow": 16, "mixed": [16, 128], "full": None}
 
 

@@ -218,6 +218,17 @@ class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
             **kwargs,
         )
 
+    @torch.no_grad()
+    def reorder_neurons_by_importance(self, calibration_input_ids: torch.LongTensor, start: int | None = None) -> None:
+        """Sort every layer's FFN neurons from `start` on (default: the student's width), most important first, in
+        place: importance is a neuron's mean |activation| at full width on `calibration_input_ids` `(B, T)` times the
+        norm of its `c_proj` row. The full model's function and every width up to `start` are unchanged; a width in
+        between then keeps the neurons that matter most to the full model (Mix'n'Match between student and TA)."""
+        start = self.config.student_width if start is None else start
+        state = dict(self.state_dict())
+        _reorder_neurons_by_importance(self, state, calibration_input_ids, start or 0)
+        self.load_state_dict(state)
+
     @classmethod
     def from_gpt2(
         cls,
@@ -274,9 +285,11 @@ class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
 
 @torch.no_grad()
 def _reorder_neurons_by_importance(
-    source: GPT2LMHeadModel, state: dict[str, torch.Tensor], calibration_input_ids: torch.LongTensor
+    source: GPT2LMHeadModel, state: dict[str, torch.Tensor], calibration_input_ids: torch.LongTensor, start: int = 0
 ) -> None:
-    """Permute each layer's FFN neurons in `state`, most important first (the full function is unchanged)."""
+    """Permute each layer's FFN neurons `[start:]` in `state`, most important first, by `source`'s full-width
+    activations on the calibration text (the full function and every prefix of at most `start` neurons are
+    unchanged)."""
     activations = {}
     hooks = [
         block.mlp.act.register_forward_hook(
@@ -294,7 +307,7 @@ def _reorder_neurons_by_importance(
     for layer_idx, hidden in activations.items():
         proj_weight = state[f"transformer.h.{layer_idx}.mlp.c_proj.weight"]  # (n, d)
         importance = hidden.abs().flatten(0, -2).float().mean(0) * proj_weight.float().norm(dim=1)  # (n,)
-        order = importance.argsort(descending=True)
+        order = torch.cat([torch.arange(start), start + importance[start:].argsort(descending=True)])
         for name, dim in nested_ffn_parameters(layer_idx).items():
             state[name] = state[name].index_select(dim, order)
 
