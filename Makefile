@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   installs into .venv and runs the main job on the embedded offline default
+#   make demo   installs into .venv and runs the whole pipeline (`hf-matta run`) on the embedded offline default;
+#               EVAL_DATA_DIR=DIR adds SAT Math and LAMBADA from local files (e.g. ../shared/data/benchmarks)
 #   make test   installs into .venv and runs the default test suite (under 10 minutes on 2 cores)
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python recipes/train_gpt2m.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/hf-matta run recipes/configs/tiny_cpu.yaml \
+		$(if $(EVAL_DATA_DIR),--eval_data_dir $(EVAL_DATA_DIR))
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"

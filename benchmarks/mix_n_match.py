@@ -1,6 +1,6 @@
 """Mix'n'Match on a trained nested model: the greedy search curve, uniform and block plans, and where a block helps.
 
-    python benchmarks/mix_n_match.py outputs/tiny_cpu/matta --data pydoc_data.topics \
+    python benchmarks/mix_n_match.py outputs/demo --data pydoc_data.topics \
         --validation-split-percentage 10 --seed 0 --out benchmarks/mix_n_match.md
 
 (the held-out split flags are the tiny recipe's, so the measured documents are ones training never saw). Prints, and

@@ -4,16 +4,16 @@
     hf-matta extract MODEL_DIR --plan 64 --plan 32,128,64 --out DIR [--overwrite]
     hf-matta extract MODEL_DIR --budgets 10M,20M [--strategy ...] [--data DATA] --out DIR
     hf-matta eval STUDENT [STUDENT ...] [--tasks agieval_sat_math,lambada_openai] [--data-dir DIR] [--baseline MODEL]
+    hf-matta run CONFIG [--check] [--push] [--stage NAME] [--FIELD VALUE ...]
 
 MODEL_DIR is a trained nested model (a `MatGPT2LMHeadModel` folder, as the training recipe saves it). Every argument is
-checked before the model's weights are loaded; every output folder before anything is written.
+checked before the model's weights are loaded; every output folder before anything is written. `run` is the whole
+pipeline (`hf_matta.pipeline`): its options are the config's fields, the same names as the recipe's.
 """
 
 import argparse
-import re
 import sys
 from collections.abc import Callable, Sequence
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
@@ -30,22 +30,15 @@ from .extract import (
     validation_loss,
 )
 from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel
-from .widths import check_budgets, check_plan, count_parameters, format_plan, parse_plan, plan_name
-
-
-_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
-
-
-def parse_budget(text: str) -> int:
-    """A parameter count written as `20000`, `1.5K`, `10M` or `1.3B` (decimal: K = 1e3, M = 1e6, B = G = 1e9)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kKmMbBgG]?)\s*", text)
-    try:
-        count = Decimal(match[1]) * _SUFFIXES[match[2].upper()] if match else None
-    except InvalidOperation:
-        count = None
-    if count is None or count != count.to_integral_value():
-        raise ValueError(f"budget {text!r} is not a whole parameter count; write e.g. 20000, 1.5K, 10M or 1.3B.")
-    return int(count)
+from .widths import (
+    check_budgets,
+    check_plan,
+    count_parameters,
+    format_plan,
+    parse_budget,
+    parse_plan,
+    plan_name,
+)
 
 
 def _budgets_argument(text: str) -> list[int]:
@@ -200,7 +193,25 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_command(subparsers: argparse._SubParsersAction) -> None:
+    """`hf-matta run`: listed here; its options are the pipeline's whole vocabulary, parsed by `hf_matta.pipeline`."""
+    subparsers.add_parser(
+        "run",
+        add_help=False,
+        help="Run the MatTA pipeline from a config: teacher, train, extract, evaluate, publish (dry run unless --push), "
+        "report. `hf-matta run --help` lists every field.",
+    )
+
+
+def run_pipeline(argv: Sequence[str]) -> int:
+    """`hf-matta run CONFIG [options]`: the pipeline, with the config as its positional argument."""
+    from .pipeline import main as pipeline_main  # torch, transformers and the trainer load for this command only
+
+    return pipeline_main(list(argv), prog="hf-matta run")
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_run_command,
     add_plans_command,
     add_extract_command,
     add_eval_command,
@@ -218,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `hf-matta`; a bad input exits with status 2 and a message that names it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # parses its own options (every field of the pipeline's arguments)
+        return run_pipeline(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -256,8 +256,8 @@ def load_or_train_tokenizer(
         return tokenizer
     if not is_empty_folder(path):
         raise FileExistsError(
-            f"tokenizer folder {str(path)!r} holds files but no tokenizer ({sorted(p.name for p in path.iterdir())[:5]}"
-            "): give a folder with a saved tokenizer, or a new or empty one to receive a trained BPE."
+            f"tokenizer folder {str(path)!r} holds files ({sorted(p.name for p in path.iterdir())[:5]}) but no "
+            "tokenizer: give a folder with a saved tokenizer, or a new or empty one to receive a trained BPE."
         )
     tokenizer = train_bpe_tokenizer((row[text_column] for row in corpus), vocab_size)
     with atomic_folder(path, replace=True) as tmp:
@@ -359,7 +359,7 @@ def load_heldout_blocks(
             raise ValueError(f"--data {data!r} must hold a 2-D integer tensor of token ids (N, T).")
         return input_ids[:max_blocks].long()
     if tokenizer is None:
-        raise ValueError(f"--data {data!r} is text, but there is no tokenizer to read it; give token ids as a .pt file.")
+        raise ValueError(f"--data {data!r} is text, but there is no tokenizer to read it; give token ids (.pt).")
     if data in BUILTIN_CORPORA:
         data_args = DataArguments(
             builtin_corpus=data,

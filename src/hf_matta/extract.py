@@ -9,7 +9,6 @@
 """
 
 import copy
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from .files import atomic_folder, is_empty_folder
 from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel, nested_ffn_parameters
 from .widths import (
     Plan,
@@ -100,16 +100,17 @@ def save_student(
     """Write `student` to `out_dir`: `model.safetensors`, `config.json`, `generation_config.json`, the tokenizer's
     files, and for a `MatGPT2LMHeadModel` the modeling files that `auto_map` names (remote code).
 
-    Raises `FileExistsError` if `out_dir` holds files, unless `overwrite`, which replaces the folder.
+    Raises `FileExistsError` if `out_dir` holds files, unless `overwrite`, which replaces the folder (atomically).
     """
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
-        shutil.rmtree(out_dir)  # stale files of another plan (modeling code, shards) must not survive
-    student.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    if not overwrite and not is_empty_folder(out_dir):
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
+    # Written under a temporary name and renamed when complete: an interruption leaves the old folder or none, and
+    # stale files of another plan (modeling code, shards) never survive a replacement.
+    with atomic_folder(out_dir, replace=True) as folder:
+        student.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
     return out_dir
 
 

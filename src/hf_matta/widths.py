@@ -8,12 +8,15 @@ layer's full `n_inner`. `check_plan` validates one; `uniform_plans` and `block_p
 strategy in ascending size, and `plans_for_budgets` picks the largest that fits each parameter budget.
 """
 
+import re
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 
 from .models.matgpt2 import MatGPT2Config
 
 
 Plan = int | Sequence[int] | None
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 
 
 def count_parameters(config: MatGPT2Config, plan: Plan = None) -> int:
@@ -149,6 +152,18 @@ def parse_plan(text: str) -> int | list[int]:
     return widths
 
 
+def parse_budget(text: str) -> int:
+    """A parameter count written as `20000`, `1.5K`, `10M` or `1.3B` (decimal: K = 1e3, M = 1e6, B = G = 1e9)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kKmMbBgG]?)\s*", text)
+    try:
+        count = Decimal(match[1]) * _SUFFIXES[match[2].upper()] if match else None
+    except InvalidOperation:
+        count = None
+    if count is None or count != count.to_integral_value():
+        raise ValueError(f"budget {text!r} is not a whole parameter count; write e.g. 20000, 1.5K, 10M or 1.3B.")
+    return int(count)
+
+
 def plan_name(widths: Sequence[int]) -> str:
     """A folder-safe name for a plan: `ffn64`, `ffn32-128-64`, `ffn64x3-128x2`."""
     return "ffn" + format_plan(widths).replace(",", "-")
@@ -163,6 +178,7 @@ __all__ = [
     "count_parameters",
     "format_plan",
     "layer_granularities",
+    "parse_budget",
     "parse_plan",
     "plan_name",
     "plans_for_budgets",

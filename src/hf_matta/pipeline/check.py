@@ -1,0 +1,235 @@
+"""`--check`: everything about a run that can be known without training, found in seconds.
+
+`check_run` reads configs, tokenizers and file heads only (no weights, no tokenisation, no training) and raises one
+`ValueError` that lists every problem it found, each naming the bad value and what to do. The pipeline runs it before
+any stage, so a mistake costs seconds, not GPU hours.
+"""
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoConfig, PretrainedConfig
+
+from ..data import check_block_size, load_tokenizer
+from ..models import MatGPT2Config
+from ..widths import check_budgets, check_plan, parse_budget, parse_plan
+from .arguments import PipelineArguments
+from .stages import config_from_string
+
+
+_TEXT_HEAD_BYTES = 1 << 16  # how much of a local text file is read to check that it is text
+
+
+def check_run(args: PipelineArguments) -> MatGPT2Config:
+    """Check a run before any work; return the nested model's config (on no weights).
+
+    Raises:
+        ValueError: listing every problem found: the launch, the model's shape, the plans and budgets, the data
+            files, the teacher (its vocabulary and context when it is local), the output folder against the teacher's
+            and the tokenizer's.
+    """
+    problems: list[str] = []
+
+    def attempt(check: Callable[[], object]) -> object:
+        try:
+            return check()
+        except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+            problems.append(str(error))
+            return None
+
+    attempt(lambda: _check_launch(args))
+    vocab = attempt(lambda: _vocabulary(args))
+    config = attempt(lambda: _nested_config(args, vocab)) if vocab is not None else None
+    if config is not None:
+        attempt(lambda: check_block_size(args.data.block_size, config.n_positions))
+        for text in args.extract.extract_plans or []:
+            attempt(lambda text=text: check_plan(config, parse_plan(text)))
+        attempt(lambda: _check_budgets(args, config))
+    for name in ("train_file", "validation_file"):
+        attempt(lambda name=name: _check_text_file(getattr(args.data, name), name, args.data.text_column))
+    attempt(lambda: _check_teacher(args, vocab))
+    attempt(lambda: _check_folders(args))
+    if problems:
+        source = f" in {args.run.config}" if args.run.config else ""
+        raise ValueError(f"{len(problems)} problem(s){source}:\n" + "\n".join(f"- {problem}" for problem in problems))
+    return config
+
+
+def _check_launch(args: PipelineArguments) -> None:
+    """Launched processes must form one process group, or each would train alone."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != args.training.world_size:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but they did not form a process group "
+            f"(world_size={args.training.world_size}): each would train alone. On CPU pass --use_cpu true."
+        )
+
+
+def _vocabulary(args: PipelineArguments) -> int:
+    """The run's vocabulary size: its saved tokenizer's, or the size of the BPE it will train."""
+    tokenizer = load_tokenizer(args.model.tokenizer_name_or_path)
+    if tokenizer is not None:
+        return len(tokenizer)
+    if args.model.model_name_or_path is not None:
+        raise ValueError(
+            f"tokenizer_name_or_path={args.model.tokenizer_name_or_path!r} holds no tokenizer (nor is it a Hub repo "
+            "reachable from here): give the pretrained model's tokenizer."
+        )
+    return args.model.tokenizer_vocab_size
+
+
+def _nested_config(args: PipelineArguments, vocab: int) -> MatGPT2Config:
+    """The nested model's config, validated as the train stage builds it (no weights)."""
+    model_args = args.model
+    if model_args.model_name_or_path is not None:
+        source = AutoConfig.from_pretrained(model_args.model_name_or_path).to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "auto_map", "n_inner"):
+            source.pop(key, None)
+        return MatGPT2Config(
+            **source,
+            n_inner=model_args.mat_widths[-1],
+            mat_widths=model_args.mat_widths,
+            student_width=model_args.student_width,
+        )
+    return config_from_string(
+        model_args.config_overrides,
+        None,
+        MatGPT2Config,
+        vocab_size=vocab,
+        bos_token_id=None,  # the tokenizer's, once it exists
+        eos_token_id=None,
+        n_inner=model_args.mat_widths[-1],
+        mat_widths=model_args.mat_widths,
+        student_width=model_args.student_width,
+    )
+
+
+def _check_budgets(args: PipelineArguments, config: MatGPT2Config) -> None:
+    extract_args = args.extract
+    if not extract_args.extract_budgets:
+        return
+    from ..extract import smallest_plan
+
+    budgets = [parse_budget(text) for text in extract_args.extract_budgets]
+    check_budgets(config, budgets, smallest_plan(config, extract_args.extract_strategy))
+    if extract_args.extract_strategy == "search" and args.data.validation_split_percentage == 0:
+        if args.data.validation_file is None and args.data.dataset_name is None:
+            raise ValueError(
+                "extract_strategy='search' measures plans on the validation split, and there is none "
+                "(validation_split_percentage=0, no validation_file): hold some text out."
+            )
+
+
+def _check_text_file(path: str | None, name: str, text_column: str) -> None:
+    """A local data file exists, is not empty, and its head is UTF-8 text (JSON objects with `text_column` for
+    JSON lines)."""
+    if path is None:
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{name}={path!r} does not exist; check the path.")
+    with open(file, "rb") as f:
+        head = f.read(_TEXT_HEAD_BYTES)
+    if not head.strip():
+        raise ValueError(f"{name}={path!r} is empty; give a file with text in it.")
+    if b"\x00" in head:
+        raise ValueError(f"{name}={path!r} is binary (it holds NUL bytes), not text; give a .txt or .jsonl file.")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if len(head) < _TEXT_HEAD_BYTES or error.start < len(head) - 3:  # not just a character cut by the head's end
+            raise ValueError(f"{name}={path!r} is not UTF-8 text (byte {error.start}); convert it to UTF-8.") from None
+        text = head[: error.start].decode("utf-8")
+    if file.suffix in (".jsonl", ".json"):
+        first = next(line for line in text.splitlines() if line.strip())
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as error:
+            message = f"{name}={path!r}: line 1 is not JSON ({error.msg}); give one JSON object per line."
+            raise ValueError(message) from None
+        if not isinstance(row, dict) or text_column not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{name}={path!r}: line 1 has no {text_column!r} field ({keys}); set text_column.")
+
+
+def _check_teacher(args: PipelineArguments, vocab: int | None) -> None:
+    """The teacher's vocabulary and context against the run's, when the teacher is a local folder or is to be
+    pre-trained; a Hub id is checked for its form only (no network)."""
+    path = args.training.teacher_model_name_or_path
+    if path is None:
+        return
+    folder = Path(path)
+    if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+        if not (folder / "config.json").is_file():
+            return  # a PEFT adapter: its base model is checked when it loads
+        config: PretrainedConfig = AutoConfig.from_pretrained(folder)
+        if vocab is not None and config.vocab_size != vocab:
+            raise ValueError(
+                f"the teacher {path!r} has vocab_size={config.vocab_size} but the run's tokenizer has {vocab} tokens: "
+                "distillation compares their distributions token by token; use the teacher's tokenizer "
+                f"(tokenizer_name_or_path={path!r}) or another teacher."
+            )
+        try:
+            check_block_size(args.data.block_size, getattr(config, "n_positions", args.data.block_size))
+        except ValueError as error:
+            raise ValueError(f"the teacher {path!r}: {error}") from None
+        _check_same_tokenizer(args, folder)
+        return
+    if args.teacher.teacher_pretrain_config is not None:
+        config = config_from_string(args.teacher.teacher_pretrain_config)
+        try:
+            check_block_size(args.data.block_size, config.n_positions)
+        except ValueError as error:
+            raise ValueError(f"the teacher to pre-train (teacher_pretrain_config): {error}") from None
+        return
+    if folder.is_absolute() or path.startswith(".") or folder.exists():
+        raise FileNotFoundError(f"teacher_model_name_or_path={path!r} is not a model folder (no config.json).")
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"teacher_model_name_or_path={path!r} is neither a model folder nor a Hub id; to pre-train a teacher "
+            "there, set teacher_pretrain_config."
+        ) from None
+
+
+def _check_same_tokenizer(args: PipelineArguments, teacher: Path) -> None:
+    """A local teacher and the run must share one tokenizer; a tokenizer still to be trained would not be its."""
+    teacher_tokenizer = load_tokenizer(teacher)
+    run_tokenizer = load_tokenizer(args.model.tokenizer_name_or_path)
+    if teacher_tokenizer is None:
+        return
+    if run_tokenizer is None:
+        raise ValueError(
+            f"the teacher {str(teacher)!r} exists but the tokenizer {args.model.tokenizer_name_or_path!r} does not: "
+            "one trained now would not be the teacher's. Set tokenizer_name_or_path to the teacher's folder, or "
+            "delete the teacher so that both are made again."
+        )
+    if teacher_tokenizer.get_vocab() != run_tokenizer.get_vocab():
+        raise ValueError(
+            f"the teacher {str(teacher)!r} and tokenizer_name_or_path={args.model.tokenizer_name_or_path!r} have "
+            "different vocabularies; give the run the teacher's tokenizer."
+        )
+
+
+def _check_folders(args: PipelineArguments) -> None:
+    """The output folder must not be, or be inside, a folder the run reads: the teacher's or the tokenizer's."""
+    output_dir = Path(args.training.output_dir).resolve()
+    reads = {"teacher_model_name_or_path": args.training.teacher_model_name_or_path}
+    if args.model.model_name_or_path is None:
+        reads["tokenizer_name_or_path"] = args.model.tokenizer_name_or_path
+    for name, value in reads.items():
+        if value is None:
+            continue
+        folder = Path(value).resolve()
+        if output_dir == folder or folder in output_dir.parents:
+            raise ValueError(
+                f"output_dir={args.training.output_dir!r} is {name}={value!r} or inside it: training would write over "
+                f"it; choose another output_dir."
+            )
+
+
+__all__ = ["check_run"]
