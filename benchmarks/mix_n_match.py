@@ -12,16 +12,15 @@ for every block size, the loss of the wide block at the start, the centre (hf_ma
 import argparse
 import datetime
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from hf_matta import MatGPT2LMHeadModel
-from hf_matta.data import load_heldout_blocks
+from hf_matta.data import load_heldout_blocks, load_tokenizer
 from hf_matta.extract import extract_student, mix_n_match, search_plans, validation_loss
+from hf_matta.pipeline.report import source_commit
 from hf_matta.widths import count_parameters, format_plan, uniform_plans
 
 
@@ -47,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = MatGPT2LMHeadModel.from_pretrained(args.model_dir).float().eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    tokenizer = load_tokenizer(args.model_dir)
     input_ids = load_heldout_blocks(
         args.data, tokenizer, args.block_size, args.max_blocks, args.validation_split_percentage, args.seed
     )
@@ -74,7 +73,8 @@ def main() -> None:
     lines = [
         f"# Mix'n'Match on `{args.model_dir}`",
         "",
-        f"{datetime.date.today()}, commit {_commit()}, {platform.processor() or platform.machine()}, "
+        f"{datetime.date.today()}, commit {source_commit() or 'unknown'}, "
+        f"{platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. Held-out: {tuple(input_ids.shape)} tokens "
         f"of `{args.data}` (split {args.validation_split_percentage} %, seed {args.seed}). Model: {config.n_layer} "
         f"layers x {config.n_embd}, granularities {config.mat_widths}, student {config.student_width}.",
@@ -112,11 +112,6 @@ def main() -> None:
 
 def _row(widths, params: int, loss: float) -> str:
     return f"| {format_plan(widths)} | {params:,} | {loss:.4f} | {torch.tensor(loss).exp().item():.1f} |"
-
-
-def _commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/optimizers.py     # lr sweep (1 seed) then 3 seeds at the best lr: ~15 min, 2 cores
     .venv/bin/python benchmarks/optimizers.py --optimizers adamw shampoo --steps 100 --seeds 1   # a quick look
 
-Corpus: `pydoc_data.topics` (ships with Python), a ByteLevel BPE of 512 tokens trained on it in seconds, every tenth
-document held out for validation. Model: 2 layers x 64 wide, 4 heads, FFN widths [64, 256] (student 64, TA 256),
-sequences of 128 tokens. Each step minimises CE(student) + CE(TA) on the same batch (the MatTA loss without teacher
-and distillation terms: the optimizers see the nested gradients of the real method). Every run sees the same token
-budget and schedule (linear warm-up over 10 % of the steps, cosine decay to 10 %). The optimizer settings are
+Corpus: `pydoc_data.topics` (ships with Python), split and packed by `hf_matta.data` (10 % of the documents held out,
+seed 0), a ByteLevel BPE of 512 tokens trained on the training documents in seconds. Model: 2 layers x 64 wide, 4
+heads, FFN widths [64, 256] (student 64, TA 256), sequences of 128 tokens. Each step minimises CE(student) + CE(TA)
+on the same batch (the MatTA loss without teacher and distillation terms: the optimizers see the nested gradients of
+the real method). Every run sees the same token budget and schedule (linear warm-up over 10 % of the steps, cosine
+decay to 10 %, transformers' `get_cosine_with_min_lr_schedule_with_warmup`). The optimizer settings are
 `MatTATrainingArguments`' defaults, except weight decay 0.1 and `adam_beta2=0.95` (nanoGPT's, for short runs) for
 every optimizer; override any with --set name=value. Results and the tuning notes: benchmarks/optimizers.md.
 
@@ -20,7 +21,6 @@ thread each; time per step is measured with them running side by side.
 import argparse
 import dataclasses
 import functools
-import math
 import statistics
 import time
 import warnings
@@ -28,9 +28,11 @@ from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
 import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from hf_matta import MatGPT2Config, MatGPT2LMHeadModel
-from hf_matta.data import BUILTIN_CORPORA, train_bpe_tokenizer
+from hf_matta.data import DataArguments, load_corpus, tokenize_and_pack, train_bpe_tokenizer
+from hf_matta.extract import validation_loss
 from hf_matta.optim import build_optimizer, preconditioned_blocks
 from hf_matta.training_args import MatTATrainingArguments
 
@@ -58,37 +60,14 @@ def optimizer_settings(overrides: list[str]) -> dict:
 
 
 def load_data(seq_len: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Train and validation token blocks `(N, seq_len)` of the pydoc corpus, the vocabulary size and the eos id."""
-    documents = BUILTIN_CORPORA["pydoc_data.topics"]()
-    tokenizer = train_bpe_tokenizer(documents, vocab_size)
-    streams = {"train": [], "val": []}
-    for index, document in enumerate(documents):
-        streams["val" if index % 10 == 0 else "train"] += tokenizer(document)["input_ids"] + [tokenizer.eos_token_id]
-    blocks = {
-        split: torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len) for split, ids in streams.items()
-    }
-    return blocks["train"], blocks["val"], len(tokenizer), tokenizer.eos_token_id
-
-
-def lr_at(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up to `peak` over 10 % of the steps, then cosine decay to 10 % of it."""
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@torch.no_grad()
-def evaluate(model: MatGPT2LMHeadModel, val: torch.Tensor, width: int | None, batch_size: int) -> float:
-    """Mean next-token loss over the validation blocks at one FFN width (None: the TA)."""
-    model.eval()
-    losses = [
-        model(val[i : i + batch_size], labels=val[i : i + batch_size], ffn_widths=width).loss
-        for i in range(0, len(val), batch_size)
-    ]
-    model.train()
-    return torch.stack(losses).mean().item()
+    """Train and validation token blocks `(N, seq_len)` of the pydoc corpus, split and packed by `hf_matta.data` (10 %
+    of the documents held out, seed 0, a BPE trained on the training documents), the vocabulary size and the eos id."""
+    data_args = DataArguments(builtin_corpus="pydoc_data.topics", block_size=seq_len, validation_split_percentage=10)
+    raw = load_corpus(data_args, seed=0)
+    tokenizer = train_bpe_tokenizer(raw["train"][data_args.text_column], vocab_size)
+    blocks = tokenize_and_pack(raw, tokenizer, data_args)
+    train, val = (torch.tensor(blocks[split]["input_ids"]) for split in ("train", "validation"))
+    return train, val, len(tokenizer), tokenizer.eos_token_id
 
 
 def _init_worker(seq_len: int, vocab_size: int) -> None:
@@ -111,19 +90,22 @@ def train(name: str, lr: float, seed: int, settings: dict, opts: argparse.Namesp
     )  # fmt: skip
     model = MatGPT2LMHeadModel(config)
     optimizer = build_optimizer(model, SimpleNamespace(optimizer=name, learning_rate=lr, **settings))
+    # Linear warm-up over 10 % of the steps, then cosine decay to 10 % of the peak.
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=max(1, opts.steps // 10), num_training_steps=opts.steps, min_lr_rate=0.1
+    )
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    for step in range(opts.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, opts.steps, lr)
+    for _ in range(opts.steps):
         batch = train_blocks[torch.randint(len(train_blocks), (opts.batch_size,), generator=generator)]  # (B, T)
         loss = model(batch, labels=batch, ffn_widths=config.student_width).loss + model(batch, labels=batch).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
     return {
-        "student": evaluate(model, val_blocks, config.student_width, opts.batch_size),
-        "ta": evaluate(model, val_blocks, None, opts.batch_size),
+        "student": validation_loss(model, val_blocks, config.student_width, opts.batch_size),
+        "ta": validation_loss(model, val_blocks, None, opts.batch_size),
         "seconds_per_step": (time.perf_counter() - start) / opts.steps,
         "preconditioned": sum(1 for _ in preconditioned_blocks(optimizer)) if name == "shampoo" else "-",
     }

@@ -55,10 +55,10 @@ from hf_matta import MatGPT2Config, MatGPT2LMHeadModel
 import hf_matta.losses
 from hf_matta.losses import count_valid_tokens, matta_loss
 from hf_matta.optim import build_optimizer
+from hf_matta.pipeline.report import provenance, write_section
 from hf_matta.trainer import MatTATrainer
 from hf_matta.training_args import MatTATrainingArguments
 from hf_matta.widths import count_flops_per_token, count_parameters
-from quality import provenance, write_section  # benchmarks/quality.py: the shared report helpers
 
 
 # Shapes. tiny is recipes/configs/tiny_cpu.yaml's: 4 x 128 student (FFN 256) in a TA with FFN 1024, a 4 x 192

@@ -25,9 +25,9 @@ VALIDATION_TASK = "validation"  # the validation perplexity, shown as one more p
 _ROLE_ORDER = {"student": 0, "member": 1, "ta": 2, "baseline": 3, "teacher": 4}
 
 
-def source_commit(path: str | os.PathLike = Path(__file__).parent) -> str | None:
-    """The short git commit of the checkout holding `path`, with `+changes` when its files differ from it; None
-    outside a git checkout (an installed wheel)."""
+def source_commit(path: str | os.PathLike = Path(__file__).parents[1]) -> str | None:
+    """The short git commit of the checkout holding `path` (default: the hf_matta package), noting uncommitted
+    changes to the files under `path`; None outside a git checkout (an installed wheel)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10
