@@ -231,6 +231,35 @@ def test_save_refuses_a_non_empty_folder_unless_overwrite(trained, tmp_path):
     assert json.loads((tmp_path / "student" / "config.json").read_text())["model_type"] == "gpt2"
 
 
+def test_an_interrupted_save_leaves_the_old_student(trained, tmp_path, monkeypatch):
+    """The folder is written under a temporary name and renamed when complete: a failure mid-write keeps the old one."""
+    save_student(extract_student(trained, 16), tmp_path / "student")
+    before = (tmp_path / "student" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", lambda self, folder: (folder / "partial").touch() or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        save_student(extract_student(trained, 32), tmp_path / "student", overwrite=True)
+    assert (tmp_path / "student" / "model.safetensors").read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["student"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("plan", [16, [16, 64, 32], None])
+def test_validation_loss_of_any_causal_lm(trained, heldout, plan):
+    """The nested model at a plan, its extracted student (stock GPT-2 or MatGPT2) and a hand-computed mean of
+    next-token cross-entropies agree."""
+    nested = validation_loss(trained, heldout, plan, batch_size=5)
+    student = extract_student(trained, plan if plan is not None else 64)
+    assert validation_loss(student, heldout, batch_size=7) == pytest.approx(nested, abs=1e-6)
+    with torch.no_grad():
+        logits = trained(heldout, ffn_widths=plan).logits[:, :-1]  # (N, T-1, V)
+    by_hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), heldout[:, 1:].flatten()).item()
+    assert nested == pytest.approx(by_hand, abs=1e-5)
+
+
+def test_validation_loss_refuses_a_plan_for_a_model_of_one_width(trained, heldout):
+    with pytest.raises(ValueError, match="needs a nested MatGPT2LMHeadModel; GPT2LMHeadModel has one width"):
+        validation_loss(extract_student(trained, 16), heldout, plan=32)
+
+
 def test_uniform_plans_are_every_granularity(trained):
     config = trained.config
     assert uniform_plans(config) == [(width,) * N_LAYER for width in GRANULARITIES]
