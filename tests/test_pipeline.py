@@ -309,6 +309,20 @@ def test_stage_reruns_one_stage_and_drops_the_later_records(tiny_run, monkeypatc
     assert "  train     would skip" in lines and "  evaluate  would run (not completed yet)" in lines
 
 
+def test_plans_measure_on_the_runs_own_validation_split(tiny_run, datasets_cache, capsys):
+    """`hf-matta plans RUN_DIR` needs no --data: the run recorded its split, so the documents are the held-out ones."""
+    from hf_matta.cli import main
+    from hf_matta.data import load_heldout_blocks, load_tokenizer
+    from hf_matta.extract import mix_n_match
+
+    out = tiny_run["out"]
+    assert main(["plans", str(out), "--strategy", "search", "--max-blocks", "6"]) == 0
+    printed = [line.split()[-1] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    held_out = load_heldout_blocks("pydoc_data.topics", load_tokenizer(out), 32, 6, validation_split_percentage=10)
+    expected = mix_n_match(MatGPT2LMHeadModel.from_pretrained(out), "search", input_ids=held_out)
+    assert printed == [f"{point.val_loss:.4f}" for point in expected]
+
+
 def test_second_run_into_the_same_folder_is_refused(tiny_run):
     import fcntl
 

@@ -12,6 +12,7 @@ pipeline (`hf_matta.pipeline`): its options are the config's fields, the same na
 """
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,22 +71,27 @@ def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         help="Held-out text to measure validation loss on: a .txt/.jsonl file (all of it is held out), a built-in "
-        "corpus name (its validation split, as the training recipe holds it out), or a .pt file with a (N, T) "
-        "tensor of token ids. Needed by --strategy search.",
+        "corpus name (its validation split, as training holds it out), or a .pt file with a (N, T) tensor of token "
+        "ids. Default, for a folder written by `hf-matta run`: that run's own validation split. Needed by --strategy "
+        "search.",
     )
     parser.add_argument(
-        "--block-size", type=int, help="Tokens per held-out block (default: the model's context, at most 1024)."
+        "--block-size",
+        "--block_size",
+        type=int,
+        help="Tokens per held-out block (default: the training run's, else the model's context, at most 1024).",
     )
     parser.add_argument("--max-blocks", type=int, default=32, help="Held-out blocks to measure on (default 32).")
     parser.add_argument(
         "--validation-split-percentage",
+        "--validation_split_percentage",
         type=float,
-        default=5.0,
-        help="For a built-in corpus: the share of documents held out, as in the training run (default 5; the tiny "
-        "recipe uses 10), so that the measured documents are ones training never saw.",
+        help="For a built-in corpus: the share of documents held out. Default: the training run's (recorded in "
+        "MODEL_DIR by `hf-matta run`), else the config's default, so that the measured documents are ones "
+        "training never saw.",
     )
     parser.add_argument(
-        "--seed", type=int, default=42, help="For a built-in corpus: the training run's seed, which drew the split."
+        "--seed", type=int, help="For a built-in corpus: the seed that drew the split (default: the training run's)."
     )
     parser.add_argument("--batch-size", type=int, default=8, help="Blocks per forward pass (default 8).")
 
@@ -198,8 +204,8 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
     subparsers.add_parser(
         "run",
         add_help=False,
-        help="Run the MatTA pipeline from a config: teacher, train, extract, evaluate, publish (dry run unless --push), "
-        "report. `hf-matta run --help` lists every field.",
+        help="Run the MatTA pipeline from a config: teacher, train, extract, evaluate, publish (a dry run unless "
+        "--push), report. `hf-matta run --help` lists every field.",
     )
 
 
@@ -300,16 +306,28 @@ def _load_config(model_dir: Path) -> MatGPT2Config:
 def _load_model_and_data(
     args: argparse.Namespace, config: MatGPT2Config, need_model: bool = False
 ) -> tuple[MatGPT2LMHeadModel | None, torch.LongTensor | None]:
-    """The nested model (only when weights are needed) and the held-out blocks (only with --data)."""
-    if args.strategy == "search" and args.data is None and getattr(args, "plan", None) is None:
+    """The nested model (only when weights are needed) and the held-out blocks: --data, or the validation split of
+    the run that trained MODEL_DIR when `hf-matta run` recorded it there."""
+    from .data import split_blocks
+    from .pipeline.run import recorded_data
+
+    recorded = recorded_data(args.model_dir)  # (DataArguments, seed) of the training run, or None
+    if args.strategy == "search" and args.data is None and recorded is None and getattr(args, "plan", None) is None:
         raise ValueError("--strategy search measures validation loss: give held-out text with --data.")
     input_ids = None
-    if args.data is not None:
-        block_size = args.block_size or min(config.n_positions, 1024)
+    if args.data is not None or recorded is not None:
+        block_size = args.block_size or (recorded[0].block_size if recorded else min(config.n_positions, 1024))
         tokenizer = load_tokenizer(args.model_dir)
-        input_ids = load_heldout_blocks(
-            args.data, tokenizer, block_size, args.max_blocks, args.validation_split_percentage, args.seed
-        )
+        if args.data is None:  # the training run's own held-out documents
+            data_args = dataclasses.replace(recorded[0], block_size=block_size, max_eval_samples=args.max_blocks)
+            input_ids = split_blocks(data_args, tokenizer, recorded[1])
+        else:  # the split and seed of the training run when known, unless given
+            split = {}
+            if recorded is not None:
+                split = {"validation_split_percentage": recorded[0].validation_split_percentage, "seed": recorded[1]}
+            given = {"validation_split_percentage": args.validation_split_percentage, "seed": args.seed}
+            split.update({name: value for name, value in given.items() if value is not None})
+            input_ids = load_heldout_blocks(args.data, tokenizer, block_size, args.max_blocks, **split)
         if input_ids.shape[1] > config.n_positions:
             raise ValueError(
                 f"held-out blocks of {input_ids.shape[1]} tokens are longer than the model's context "

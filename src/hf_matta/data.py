@@ -367,14 +367,25 @@ def load_heldout_blocks(
             validation_split_percentage=validation_split_percentage,
             max_eval_samples=max_blocks,
         )
-        split = "validation"
-    else:
-        data_args = DataArguments(
-            train_file=data, block_size=block_size, validation_split_percentage=0, max_train_samples=max_blocks
+        return split_blocks(data_args, tokenizer, seed)
+    data_args = DataArguments(
+        train_file=data, block_size=block_size, validation_split_percentage=0, max_train_samples=max_blocks
+    )
+    return split_blocks(data_args, tokenizer, seed, split="train")
+
+
+def split_blocks(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int = 42, split: str = "validation"
+) -> torch.LongTensor:
+    """One split of a corpus as token blocks (N, T), loaded, held out and packed exactly as training does it (the
+    same `DataArguments` and seed give the same documents and blocks)."""
+    blocks = tokenize_and_pack(load_corpus(data_args, seed=seed), tokenizer, data_args)
+    if split not in blocks:
+        raise ValueError(
+            f"{_describe_source(data_args)} has no {split} split (validation_split_percentage="
+            f"{data_args.validation_split_percentage}, no validation file); hold some documents out."
         )
-        split = "train"
-    blocks = tokenize_and_pack(load_corpus(data_args, seed=seed), tokenizer, data_args)[split]
-    return torch.tensor(blocks["input_ids"], dtype=torch.long)
+    return torch.tensor([row["input_ids"] for row in blocks[split]], dtype=torch.long)
 
 
 def _tokenize_and_pack(
@@ -466,6 +477,7 @@ __all__ = [
     "load_heldout_blocks",
     "load_or_train_tokenizer",
     "load_tokenizer",
+    "split_blocks",
     "tokenize_and_pack",
     "train_bpe_tokenizer",
 ]

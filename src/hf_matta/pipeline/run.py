@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data import DataArguments
 from ..files import write_json_atomic
 from .arguments import STAGES, PipelineArguments, parse_args, training_fingerprint_fields
 from .check import check_run
@@ -97,6 +98,15 @@ def read_record(output_dir: str | os.PathLike, stage: str) -> dict | None:
     """A stage's completion record, or None when the stage has not completed."""
     path = record_path(output_dir, stage)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recorded_data(output_dir: str | os.PathLike) -> tuple[DataArguments, int] | None:
+    """The data arguments and seed a completed train stage in `output_dir` used (so that its validation split can be
+    drawn again, exactly), or None when the folder holds no such record."""
+    record = read_record(output_dir, "train")
+    if record is None:
+        return None
+    return DataArguments(**record["arguments"]["data"]), record["arguments"]["training"]["seed"]
 
 
 def plan_stages(args: PipelineArguments) -> list[_Step]:
@@ -263,4 +273,13 @@ def main(
     return 0
 
 
-__all__ = ["STAGE_FUNCTIONS", "main", "plan_stages", "read_record", "record_path", "run_pipeline", "stage_arguments"]
+__all__ = [
+    "STAGE_FUNCTIONS",
+    "main",
+    "plan_stages",
+    "read_record",
+    "record_path",
+    "recorded_data",
+    "run_pipeline",
+    "stage_arguments",
+]
