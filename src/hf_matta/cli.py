@@ -3,6 +3,7 @@
     hf-matta plans MODEL_DIR [--budgets 10M,20M] [--strategy uniform|block|search] [--data DATA]
     hf-matta extract MODEL_DIR --plan 64 --plan 32,128,64 --out DIR [--overwrite]
     hf-matta extract MODEL_DIR --budgets 10M,20M [--strategy ...] [--data DATA] --out DIR
+    hf-matta publish MODEL_DIR --org ORG [--plan ... | --budgets ...] [--collection TITLE] [--dry-run --out DIR]
     hf-matta eval STUDENT [STUDENT ...] [--tasks agieval_sat_math,lambada_openai] [--data-dir DIR] [--baseline MODEL]
     hf-matta run CONFIG [--check] [--push] [--stage NAME] [--FIELD VALUE ...]
 
@@ -199,6 +200,81 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_publish_command(subparsers: argparse._SubParsersAction) -> None:
+    """`hf-matta publish`: every student in its own Hub repo with a model card (or, dry run, the repo folders)."""
+    parser = subparsers.add_parser(
+        "publish",
+        help="Publish students to the Hub, one repo each with a model card (or write the repo folders: --dry-run).",
+        description="Publish a MatTA family: MODEL_DIR is a trained nested model (students are extracted for --plan "
+        "or --budgets; default: every trained granularity), a student folder, or a folder of student folders. Each "
+        "student goes to ORG/<name> in one commit (weights, config, generation config, tokenizer, card); repos the "
+        "Hub already holds unchanged are skipped. The token comes from HF_TOKEN or `hf auth login`.",
+    )
+    _add_model_and_data_arguments(parser)
+    parser.add_argument("--org", required=True, help="Namespace (user or organization) that owns the repos.")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--plan", action="append", type=_plan_argument, help="A student's FFN widths, as for extract. Repeatable."
+    )
+    which.add_argument("--budgets", type=_budgets_argument, help="Parameter budgets; one student per budget.")
+    parser.add_argument(
+        "--name-template",
+        help="Repo names from {base} (base model, or matgpt2), {params} (e.g. 1.31M) and {plan} (e.g. ffn256). "
+        "Default: {base}-matta-{params}-{plan}.",
+    )
+    parser.add_argument("--private", action="store_true", help="Create the repos and the collection private.")
+    parser.add_argument("--revision", help="Branch to commit to (created from main if missing). Default: main.")
+    parser.add_argument("--collection", metavar="TITLE", help="Gather the family in this collection of ORG.")
+    parser.add_argument("--results", type=Path, help="results.json of hf-matta eval: model-index entries in cards.")
+    parser.add_argument("--license", help="License id of the cards (default: the base model's, else apache-2.0).")
+    parser.add_argument("--dry-run", action="store_true", help="Write the repo folders to --out; no network.")
+    parser.add_argument("--out", type=Path, help="With --dry-run: folder receiving one folder per repo.")
+    parser.add_argument("--overwrite", action="store_true", help="With --dry-run: replace --out if it holds files.")
+    parser.set_defaults(run=run_publish)
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    """Choose the plans (for a nested model), then `hf_matta.hub.publish_students`; a Hub failure exits with 1."""
+    from .hub import PublishError, check_hub_access, publish_students
+
+    if args.dry_run != (args.out is not None):
+        raise ValueError("--dry-run and --out go together: --dry-run --out DIR writes the repo folders to DIR.")
+    plans = args.plan  # checked against the nested model by publish_students
+    if plans is None and (args.budgets is not None or args.strategy != "uniform"):
+        if not (args.model_dir / "config.json").is_file():
+            raise ValueError(f"--budgets and --strategy choose students of a nested model; {args.model_dir} has none.")
+        config = _load_config(args.model_dir)
+        if args.budgets:
+            check_budgets(config, args.budgets, smallest_plan(config, args.strategy))
+        if args.strategy == "search":
+            if not args.dry_run:
+                check_hub_access(args.org)  # a missing or rejected token fails before the search's passes
+            model, input_ids = _load_model_and_data(args, config)
+            points = mix_n_match(model, "search", args.budgets, input_ids, args.batch_size)
+        else:
+            points = mix_n_match(config, args.strategy, args.budgets)
+        plans = [point.widths for point in points]
+    try:
+        publish_students(
+            args.model_dir,
+            args.org,
+            plans,
+            push=not args.dry_run,
+            out_dir=args.out,
+            overwrite=args.overwrite,
+            name_template=args.name_template,
+            private=args.private,
+            revision=args.revision,
+            collection=args.collection,
+            results=args.results,
+            license=args.license,
+        )
+    except PublishError as error:
+        print(f"hf-matta publish: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_run_command(subparsers: argparse._SubParsersAction) -> None:
     """`hf-matta run`: listed here; its options are the pipeline's whole vocabulary, parsed by `hf_matta.pipeline`."""
     subparsers.add_parser(
@@ -221,6 +297,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_plans_command,
     add_extract_command,
     add_eval_command,
+    add_publish_command,
 ]
 
 

@@ -9,6 +9,7 @@
 """
 
 import copy
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from .widths import (
 
 
 STRATEGIES = ("uniform", "block", "search")
+LINEAGE_FILE = "matta_lineage.json"  # where a model or student folder keeps the record of its training run
 
 # Config entries that describe the nested source model, not a student (the student's class sets its own type).
 _SOURCE_ONLY_CONFIG_KEYS = (
@@ -96,9 +98,12 @@ def save_student(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
     overwrite: bool = False,
+    lineage: dict | None = None,
 ) -> Path:
     """Write `student` to `out_dir`: `model.safetensors`, `config.json`, `generation_config.json`, the tokenizer's
-    files, and for a `MatGPT2LMHeadModel` the modeling files that `auto_map` names (remote code).
+    files, and for a `MatGPT2LMHeadModel` the modeling files that `auto_map` names (remote code). `lineage`, the
+    nested model's record of its training run (`hf_matta.hub.read_lineage`), travels with it as `matta_lineage.json`,
+    so that a model card can be built from the student folder alone.
 
     Raises `FileExistsError` if `out_dir` holds files, unless `overwrite`, which replaces the folder (atomically).
     """
@@ -111,6 +116,8 @@ def save_student(
         student.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        if lineage is not None:
+            (folder / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
     return out_dir
 
 
