@@ -183,6 +183,9 @@ CHECKS = {
     ),
     "output-dir-is-the-teacher": (lambda tmp: {"output_dir": str(tmp / "teacher")}, ["output_dir=", "would write"]),
     "block-size-above-context": (lambda tmp: {"block_size": 64}, ["block_size=64 is larger", "n_positions=32"]),
+    "invalid-repo-name": (lambda tmp: {"publish_namespace": "not a namespace!"}, ["repo id", "is not valid"]),
+    "push-without-namespace": (lambda tmp: {"push": True}, ["push needs publish_namespace"]),
+    "push-while-offline": (lambda tmp: {"push": True, "publish_namespace": "someone"}, ["HF_HUB_OFFLINE"]),
 }
 
 
@@ -283,6 +286,28 @@ def test_report_numbers_are_the_json_files(tiny_run):
         assert rows[student["name"]][6].startswith(f"{acc:.4f} ± ")
     for stage in STAGES[:-1]:
         assert f"| {stage} | {read_record(out, stage)['completed']} |" in report
+
+
+def test_dry_run_writes_one_repo_per_student_whose_card_holds_its_results(tiny_run):
+    from huggingface_hub import ModelCard
+
+    out = tiny_run["out"]
+    lineage = json.loads((out / "matta_lineage.json").read_text())  # written by the train stage, read by the cards
+    assert lineage["teacher"] == "local" and lineage["teacher_pretraining"]["steps"] == 2
+    assert str(tiny_run["tmp"]) not in json.dumps(lineage)  # no local path in what is published
+    published = read_record(out, "publish")["outputs"]["published"]
+    students = read_record(out, "extract")["outputs"]["students"]
+    assert [item["name"] for item in published] == [student["name"] for student in students]
+    results = {s["name"]: s["results"] for s in json.loads((out / "eval/results.json").read_text())["students"]}
+    report = (out / "report.md").read_text()
+    for item in published:
+        folder = out / item["location"]
+        assert item["status"] == "written" and item["repo_id"].startswith("your-namespace/")
+        assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+        card = ModelCard.load(folder / "README.md")
+        reported = {(entry.dataset_name, entry.metric_type): entry.metric_value for entry in card.data.eval_results}
+        assert reported[("lambada_heldout", "acc")] == results[item["name"]]["lambada_heldout"]["acc"]
+        assert f"[{item['repo_id']}]({item['location']})" in report
 
 
 def test_rerun_skips_every_stage_and_changed_training_is_refused(tiny_run, monkeypatch):

@@ -14,10 +14,10 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, PretrainedConfig
 
 from ..data import check_block_size, load_tokenizer
+from ..hub import PublishError
 from ..models import MatGPT2Config
-from ..widths import check_budgets, check_plan, parse_budget, parse_plan
 from .arguments import PipelineArguments
-from .stages import config_from_string
+from .stages import DRY_RUN_NAMESPACE, config_from_string, resolve_plans
 
 
 _TEXT_HEAD_BYTES = 1 << 16  # how much of a local text file is read to check that it is text
@@ -36,7 +36,7 @@ def check_run(args: PipelineArguments) -> MatGPT2Config:
     def attempt(check: Callable[[], object]) -> object:
         try:
             return check()
-        except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+        except (ValueError, FileNotFoundError, FileExistsError, OSError, PublishError) as error:
             problems.append(str(error))
             return None
 
@@ -45,9 +45,10 @@ def check_run(args: PipelineArguments) -> MatGPT2Config:
     config = attempt(lambda: _nested_config(args, vocab)) if vocab is not None else None
     if config is not None:
         attempt(lambda: check_block_size(args.data.block_size, config.n_positions))
-        for text in args.extract.extract_plans or []:
-            attempt(lambda text=text: check_plan(config, parse_plan(text)))
-        attempt(lambda: _check_budgets(args, config))
+        plans = attempt(lambda: resolve_plans(args.extract, config))
+        attempt(lambda: _check_search(args))
+        if plans is not None:
+            attempt(lambda: _check_publish(args, config, plans))
     for name in ("train_file", "validation_file"):
         attempt(lambda name=name: _check_text_file(getattr(args.data, name), name, args.data.text_column))
     attempt(lambda: _check_teacher(args, vocab))
@@ -107,20 +108,37 @@ def _nested_config(args: PipelineArguments, vocab: int) -> MatGPT2Config:
     )
 
 
-def _check_budgets(args: PipelineArguments, config: MatGPT2Config) -> None:
-    extract_args = args.extract
-    if not extract_args.extract_budgets:
-        return
-    from ..extract import smallest_plan
-
-    budgets = [parse_budget(text) for text in extract_args.extract_budgets]
-    check_budgets(config, budgets, smallest_plan(config, extract_args.extract_strategy))
-    if extract_args.extract_strategy == "search" and args.data.validation_split_percentage == 0:
-        if args.data.validation_file is None and args.data.dataset_name is None:
+def _check_search(args: PipelineArguments) -> None:
+    """`search` measures plans on the validation split: there must be one."""
+    data = args.data
+    if args.extract.extract_budgets and args.extract.extract_strategy == "search":
+        if data.validation_split_percentage == 0 and data.validation_file is None and data.dataset_name is None:
             raise ValueError(
                 "extract_strategy='search' measures plans on the validation split, and there is none "
                 "(validation_split_percentage=0, no validation_file): hold some text out."
             )
+
+
+def _check_publish(args: PipelineArguments, config: MatGPT2Config, plans: list[tuple[int, ...]]) -> None:
+    """The repo ids the students will get (namespace and name template), and with `push` the token: present, valid
+    and allowed to write to the namespace (asked of the Hub, the one check that needs the network)."""
+    from ..hub import DEFAULT_NAME_TEMPLATE, check_hub_access, repo_names
+
+    publish = args.publish
+    if publish.push and publish.publish_namespace is None:
+        raise ValueError("push needs publish_namespace: the Hub user or organization that will own the repos.")
+    template = publish.publish_name_template or DEFAULT_NAME_TEMPLATE
+    namespace = publish.publish_namespace or DRY_RUN_NAMESPACE
+    for name in repo_names(config, {"base_model": args.model.model_name_or_path}, plans, template):
+        try:
+            validate_repo_id(f"{namespace}/{name}")
+        except HFValidationError as error:
+            raise ValueError(
+                f"repo id {namespace}/{name} is not valid ({error}): change publish_namespace or "
+                "publish_name_template."
+            ) from None
+    if publish.push:
+        check_hub_access(namespace)
 
 
 def _check_text_file(path: str | None, name: str, text_column: str) -> None:

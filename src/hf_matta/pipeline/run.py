@@ -33,7 +33,7 @@ from ..files import write_json_atomic
 from .arguments import STAGES, PipelineArguments, parse_args, training_fingerprint_fields
 from .check import check_run
 from .report import report_stage
-from .stages import Run, evaluate_stage, extract_stage, teacher_stage, train_stage
+from .stages import Run, evaluate_stage, extract_stage, publish_stage, teacher_stage, train_stage
 
 
 RECORDS_DIR = "stages"
@@ -45,6 +45,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict]] = {
     "train": train_stage,
     "extract": extract_stage,
     "evaluate": evaluate_stage,
+    "publish": publish_stage,
     "report": report_stage,
 }
 
@@ -265,11 +266,16 @@ def main(
 ) -> int:
     """Parse the arguments (`parse_args`) and run the pipeline; a bad config or input ends with its message and
     status 2. `hf-matta run` takes the config as its first positional argument, the recipe as `--config`."""
+    from ..hub import PublishError
+
     try:
         run_pipeline(parse_args(argv, default_config, prog=prog, config_positional=config_positional))
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return 2
+    except PublishError as error:  # the Hub failed; what was published before it is named, a re-run completes it
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import time
+import types
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -49,10 +50,11 @@ from ..data import (
 )
 from ..extract import extract_student, mix_n_match, save_student, smallest_plan, validation_loss
 from ..files import atomic_folder, is_empty_folder, write_json_atomic
+from ..hub import write_lineage
 from ..models import MatGPT2Config, MatGPT2LMHeadModel
 from ..trainer import MatTATrainer, load_teacher
 from ..widths import check_budgets, check_plan, count_parameters, format_plan, parse_budget, parse_plan, plan_name
-from .arguments import ModelArguments, PipelineArguments
+from .arguments import ExtractArguments, ModelArguments, PipelineArguments
 
 
 SUMMARY_FILE = "matta_summary.json"
@@ -60,6 +62,7 @@ BASELINE_DIR = "baseline"
 STUDENTS_DIR = "students"
 EVAL_DIR = "eval"
 HUB_DIR = "hub"
+DRY_RUN_NAMESPACE = "your-namespace"  # the repo ids a dry run without publish_namespace writes into its cards
 
 
 class Run:
@@ -261,8 +264,12 @@ def train_stage(run: Run) -> dict:
     start = time.perf_counter()
     tokenizer, blocks = run.prepared
     _derive_max_steps(args)
-    summary = _train(run, build_nested_model(args.model, tokenizer), training_args, tokenizer, blocks, start)
+    model = build_nested_model(args.model, tokenizer)
+    summary = _train(run, model, training_args, tokenizer, blocks, start)
     if run.is_main_process:
+        # Where the nested model comes from, for the students' model cards (hf_matta.hub): no local paths in it.
+        provenance = types.SimpleNamespace(**vars(args.model), **vars(args.teacher))
+        write_lineage(run.output_dir, provenance, args.data, training_args, model.config, summary["steps"])
         write_json_atomic(run.output_dir / SUMMARY_FILE, summary)
         run.log(format_summary(summary))
     outputs = {"summary": summary, "baseline": None}
@@ -377,21 +384,26 @@ def format_summary(summary: dict, title: str = "MatTA") -> str:
 # --- extract -------------------------------------------------------------------------------------------------------
 
 
-def resolve_plans(run: Run, config: MatGPT2Config, model: MatGPT2LMHeadModel | None = None) -> list[tuple[int, ...]]:
+def resolve_plans(
+    extract_args: ExtractArguments,
+    config: MatGPT2Config,
+    model: MatGPT2LMHeadModel | None = None,
+    input_ids: torch.LongTensor | None = None,
+    batch_size: int = 8,
+) -> list[tuple[int, ...]]:
     """The students to extract, ascending in size: the student and the TA always, then `extract_plans`, then one plan
-    per `extract_budgets` entry (`extract_strategy`; `search` measures on the validation blocks with `model`)."""
-    extract_args = run.args.extract
+    per `extract_budgets` entry (`extract_strategy`). `search` measures on `input_ids` with `model`; without them its
+    budgets are only checked against the range of sizes (what `--check` can do without weights)."""
     plans = [check_plan(config, config.student_width), check_plan(config, None)]
     plans += [check_plan(config, parse_plan(text)) for text in extract_args.extract_plans or []]
     if extract_args.extract_budgets:
+        strategy = extract_args.extract_strategy
         budgets = [parse_budget(text) for text in extract_args.extract_budgets]
-        check_budgets(config, budgets, smallest_plan(config, extract_args.extract_strategy))
-        if extract_args.extract_strategy == "search" and model is not None:
-            batch_size = run.args.training.per_device_eval_batch_size
-            points = mix_n_match(model, "search", budgets, run.heldout_ids, batch_size)
-        else:
-            points = mix_n_match(config, extract_args.extract_strategy, budgets)
-        plans += [point.widths for point in points]
+        check_budgets(config, budgets, smallest_plan(config, strategy))
+        if strategy != "search":
+            plans += [point.widths for point in mix_n_match(config, strategy, budgets)]
+        elif model is not None:
+            plans += [point.widths for point in mix_n_match(model, "search", budgets, input_ids, batch_size)]
     return sorted(dict.fromkeys(plans), key=lambda widths: count_parameters(config, widths))
 
 
@@ -409,7 +421,10 @@ def extract_stage(run: Run) -> dict:
     config = model.config
     tokenizer = load_tokenizer(run.output_dir)
     students = []
-    for widths in resolve_plans(run, config, model):
+    batch_size = run.args.training.per_device_eval_batch_size
+    search = run.args.extract.extract_strategy == "search" and run.args.extract.extract_budgets
+    input_ids = run.heldout_ids if search else None
+    for widths in resolve_plans(run.args.extract, config, model, input_ids, batch_size):
         folder = Path(STUDENTS_DIR) / plan_name(widths)
         save_student(extract_student(model, widths), run.output_dir / folder, tokenizer, overwrite=True)
         students.append(
@@ -534,6 +549,45 @@ def evaluate_stage(run: Run) -> dict:
     return outputs
 
 
+# --- publish -------------------------------------------------------------------------------------------------------
+
+
+def publish_stage(run: Run) -> dict:
+    """Every extracted student in its own repo `publish_namespace/<name>`, its card carrying its lm-eval results: the
+    exact repo folders under `output_dir/hub/` (a dry run, the default), or the Hub itself with `push`."""
+    from ..hub import publish_students
+
+    publish = run.args.publish
+    namespace = publish.publish_namespace or DRY_RUN_NAMESPACE
+    results = run.outputs["evaluate"].get("results")
+    published = publish_students(
+        run.output_dir,
+        namespace,
+        [student["plan"] for student in run.outputs["extract"]["students"]],
+        push=publish.push,
+        out_dir=None if publish.push else run.output_dir / HUB_DIR,
+        overwrite=True,
+        name_template=publish.publish_name_template,
+        private=publish.publish_private,
+        collection=publish.publish_collection,
+        results=None if results is None else run.output_dir / results,
+        log=run.log,
+    )
+    return {
+        "push": publish.push,
+        "published": [
+            {
+                "name": plan_name(item.plan),
+                "repo_id": item.repo_id,
+                "status": item.status,
+                "location": item.location if publish.push else str(Path(item.location).relative_to(run.output_dir)),
+                "commit": item.commit,
+            }
+            for item in published
+        ],
+    }
+
+
 __all__ = [
     "Run",
     "build_nested_model",
@@ -542,6 +596,7 @@ __all__ = [
     "extract_stage",
     "format_summary",
     "pretrain_teacher",
+    "publish_stage",
     "resolve_plans",
     "teacher_stage",
     "train_stage",
