@@ -18,15 +18,15 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from hf_matta import MatGPT2Config, MatGPT2LMHeadModel
 from hf_matta.cli import main
 from hf_matta.data import DataArguments
-from hf_matta.extract import extract_student, save_student
+from hf_matta.extract import extract_student
 from hf_matta.hub import LINEAGE_FILE, PublishError, build_lineage, publish_students, read_lineage, write_lineage
 from hf_matta.training_args import MatTATrainingArguments
-from hf_matta.widths import format_plan
+from hf_matta.widths import format_plan, plan_name
 
 from .conftest import VOCAB, tiny_kwargs
 from .hub_server import HubServer, validate_card_metadata
@@ -431,11 +431,10 @@ def test_dry_run_writes_exactly_the_uploaded_folders_without_token_or_network(hu
 
 
 def test_student_folders_publish_the_same_repos_as_the_nested_model(nested_dir, tmp_path):
-    nested, tokenizer = MatGPT2LMHeadModel.from_pretrained(nested_dir), AutoTokenizer.from_pretrained(nested_dir)
-    for plan in PLANS.values():  # as `hf-matta extract` writes them
-        student = extract_student(nested, list(plan))
-        save_student(student, tmp_path / "students" / str(plan), tokenizer, lineage=read_lineage(nested_dir))
-    assert (tmp_path / "students" / str(PLANS["mixed"]) / LINEAGE_FILE).is_file()
+    plans = [arg for plan in PLANS.values() for arg in ("--plan", format_plan(plan))]
+    assert main(["extract", str(nested_dir), *plans, "--out", str(tmp_path / "students")]) == 0
+    for plan in PLANS.values():  # `hf-matta extract` students carry the nested model's lineage record
+        assert read_lineage(tmp_path / "students" / plan_name(plan)) == read_lineage(nested_dir)
     publish_students(nested_dir, ORG, list(PLANS.values()), out_dir=tmp_path / "from_nested", log=None)
     publish_students(tmp_path / "students", ORG, out_dir=tmp_path / "from_students", log=None)
 
@@ -445,7 +444,7 @@ def test_student_folders_publish_the_same_repos_as_the_nested_model(nested_dir, 
     assert tree(tmp_path / "from_students") == tree(tmp_path / "from_nested")
     with pytest.raises(ValueError, match="plans apply to a nested model folder only"):
         publish_students(tmp_path / "students", ORG, [PLANS["ta"]], out_dir=tmp_path / "x", log=None)
-    (tmp_path / "students" / str(PLANS["ta"]) / LINEAGE_FILE).unlink()
+    (tmp_path / "students" / plan_name(PLANS["ta"]) / LINEAGE_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="has no matta_lineage.json"):
         publish_students(tmp_path / "students", ORG, out_dir=tmp_path / "x", log=None)
 

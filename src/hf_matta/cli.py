@@ -335,7 +335,9 @@ def run_plans(args: argparse.Namespace) -> int:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    """Extract and save the students, one summary line each."""
+    """Extract and save the students (each with the nested model's lineage record, for its card), one line each."""
+    from .hub import read_lineage
+
     config = _load_config(args.model_dir)
     if args.plan is not None:
         plans = [check_plan(config, plan) for plan in args.plan]
@@ -352,10 +354,10 @@ def run_extract(args: argparse.Namespace) -> int:
     if plans is None:
         plans = [point.widths for point in mix_n_match(model, "search", args.budgets, input_ids, args.batch_size)]
         _check_out_dirs(args, plans)
-    tokenizer = load_tokenizer(args.model_dir)
+    tokenizer, lineage = load_tokenizer(args.model_dir), read_lineage(args.model_dir)
     for widths in dict.fromkeys(plans):  # two budgets can share a plan: extract it once
         student = extract_student(model, widths)
-        out_dir = save_student(student, args.out / plan_name(widths), tokenizer, overwrite=args.overwrite)
+        out_dir = save_student(student, args.out / plan_name(widths), tokenizer, args.overwrite, lineage)
         loading = "needs trust_remote_code=True" if isinstance(student, MatGPT2LMHeadModel) else "stock GPT-2"
         summary = (
             f"{out_dir}: {type(student).__name__} ({loading}), plan {format_plan(widths)}, "
