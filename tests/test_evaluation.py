@@ -161,6 +161,7 @@ def test_cli_writes_three_outputs_that_agree(cli_run, nested):
         assert set(student["results"]["agieval_sat_math"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert results["task_info"]["lambada_openai"]["n_samples"] == len(MEMORISED + NOVEL)
     assert results["task_info"]["agieval_sat_math"]["n_samples"] == len(SAT_MATH)
+    assert results["students"][0]["truncated_requests"] == {"agieval_sat_math": 0, "lambada_openai": 0}
 
     rows = table(cli_run / "results.md")
     for student in results["students"]:
@@ -251,7 +252,9 @@ def test_a_nested_folder_stands_for_its_granularities(folders, tmp_path):
         "acc", "acc_stderr", "perplexity", "perplexity_stderr"
     }  # fmt: skip
     assert results["config"]["heldout_data"] == HELDOUT_DEFAULTS
-    assert "| ffn64 | ta |" in (tmp_path / "results.md").read_text()
+    assert results["students"][0]["truncated_requests"] == {"lambada_heldout": 2}  # 50+ words, 128 characters
+    table = (tmp_path / "results.md").read_text()
+    assert "| ffn64 | ta |" in table and "cut from the left as lm-eval does (per model): lambada_heldout 2." in table
 
 
 def test_heldout_task_reads_the_training_runs_held_out_documents_only():
@@ -311,7 +314,8 @@ def test_relative_improvement_of_perplexity_is_paired():
     assert value == pytest.approx(1 - math.exp(-differences.mean()))  # lower perplexity: a positive improvement
     assert stderr == pytest.approx(math.exp(-differences.mean()) * differences.std(ddof=1) / 2)
     assert relative_improvement(0.3, 0.0, 0.1, 0.0, True) == (None, None)
-    assert relative_improvement(0.3, 0.2, 0.03, 0.04, True) == pytest.approx((0.5, math.sqrt(0.03**2 + 2.25 * 0.04**2) / 0.2))
+    independent = relative_improvement(0.3, 0.2, 0.03, 0.04, True)  # no per-document values: errors combined
+    assert independent == pytest.approx((0.5, math.sqrt(0.03**2 + 1.5**2 * 0.04**2) / 0.2))
 
 
 def test_existing_results_are_never_overwritten(folders, tmp_path, capsys):
@@ -319,7 +323,8 @@ def test_existing_results_are_never_overwritten(folders, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(folders["ffn32"]), "--tasks", "lambada_heldout", "--output-dir", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "already holds ['results.md']" in capsys.readouterr().err and (tmp_path / "results.md").read_text() == "mine"
+    assert "already holds ['results.md']" in capsys.readouterr().err
+    assert (tmp_path / "results.md").read_text() == "mine"
 
 
 def bad_data_dir(tmp_path: Path, lambada: list | None = None, sat: list | None = None, sat_name="sat-math.jsonl"):
@@ -340,7 +345,11 @@ BAD_INPUTS = {
     ),
     "task needing the network while offline": (
         lambda tmp, folders: [folders["ffn32"], "--tasks", "lambada_openai"],
-        ["'lambada_openai' needs its data from the Hub", "--data-dir DIR holding lambada_test.jsonl", "lambada_heldout"],
+        [
+            "'lambada_openai' needs its data from the Hub",
+            "--data-dir DIR holding lambada_test.jsonl",
+            "--tasks lambada_heldout",
+        ],
     ),
     "missing data file": (
         lambda tmp, folders: [folders["ffn32"], "--data-dir", bad_data_dir(tmp, lambada=GOOD_LAMBADA)],

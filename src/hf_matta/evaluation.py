@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -149,13 +150,15 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line}: not valid JSON ({error.msg}); each line is one object: {example}")
+                raise ValueError(
+                    f"{path}, line {line}: not valid JSON ({error.msg}); each line is one object: {example}"
+                ) from None
             missing = [name for name in fields if not isinstance(row, dict) or name not in row]
             if missing:
                 raise ValueError(f"{path}, line {line}: no field {missing}; each line is one object: {example}")
             wrong = [name for name, kind in fields.items() if not isinstance(row[name], kind)]
             if wrong:
-                raise ValueError(f"{path}, line {line}: field {wrong} has the wrong type; each line is like: {example}")
+                raise ValueError(f"{path}, line {line}: field {wrong} has the wrong type; each line is like {example}")
             rows.append(row)
     if not rows:
         raise ValueError(f"{path} is empty; it holds one JSON object per line: {example}")
@@ -231,8 +234,8 @@ def heldout_documents(heldout_data: Mapping[str, Any] | None = None) -> dict[str
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(
-            f"heldout_data has unknown fields {unknown}: give hf_matta.data.DataArguments fields (e.g. builtin_corpus, "
-            "train_file, validation_file, validation_split_percentage) and the training seed."
+            f"heldout_data has unknown fields {unknown}: give hf_matta.data.DataArguments fields (e.g. "
+            "builtin_corpus, train_file, validation_file, validation_split_percentage) and the training seed."
         )
     data_args = DataArguments(**settings)
     raw = load_corpus(data_args, seed=seed)
@@ -310,9 +313,8 @@ def _resolve_students(
             candidates.append(_Candidate(_folder_name(student), student, "student", _config_plan(config), None, load))
     if plans and not nested_seen:
         raise ValueError(
-            f"plans {[format_plan(check) if not isinstance(check, int) else check for check in plans]} are widths of a "
-            "nested model: give a nested MatGPT2 folder (as the training recipe saves it) among the students, or "
-            "drop --plan to evaluate the students as they are."
+            f"plans {list(plans)} are widths of a nested model: give a nested MatGPT2 folder (as the training recipe "
+            "saves it) among the students, or drop --plan to evaluate the students as they are."
         )
     return _unique_names(candidates)
 
@@ -480,6 +482,35 @@ def _load_tasks(manager: TaskManager, tasks: Sequence[str], data_dir: str | None
 # The run.
 
 
+class _LmEvalMessages(logging.Filter):
+    """While attached: drops lm-eval's messages that only concern how hf-matta calls it (a model object passed on
+    purpose, the `--metadata` hint of every custom dataset), and counts its one-line-per-request truncation warnings
+    (every LAMBADA passage, for a model with a 128-token context) instead of printing them."""
+
+    LOGGERS = ("lm_eval.models.huggingface", "lm_eval.api.task")
+    NOISE = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model", "Custom kwargs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.truncated = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "exceeds model's maximum length" in message:
+            self.truncated += 1
+            return False
+        return not any(noise in message for noise in self.NOISE)
+
+    def __enter__(self) -> "_LmEvalMessages":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
 def evaluate_students(
     students: Sequence[str | os.PathLike] = (),
     tasks: Sequence[str] = DEFAULT_TASKS,
@@ -532,7 +563,9 @@ def evaluate_students(
 
     Returns:
         `{"tasks", "lm_eval_version", "students": [{"name", "source", "role", "plan", "parameters", "results":
-        {task: {metric: value, metric_stderr: value}}, "seconds"}], "baseline", "relative", ...}`, as results.json.
+        {task: {metric: value, metric_stderr: value}}, "seconds": {task: s}, "truncated_requests": {task: n}}],
+        "baseline", "relative", "task_info", "config", "run"}`, as results.json. `truncated_requests` counts the
+        requests longer than the model's context, which lm-eval cuts from the left.
 
     Raises:
         ValueError / FileNotFoundError / FileExistsError naming the bad input (unknown task, missing or malformed data
@@ -560,47 +593,13 @@ def evaluate_students(
 
     data_dir = None if data_dir is None else str(data_dir)
     data_files = {task: str(read_data_file(task, data_dir)[0]) for task in DATA_FILES if task in tasks and data_dir}
-    manager = _task_manager(tasks, data_dir, heldout_data)
-    task_objects = _load_tasks(manager, tasks, data_dir)
-
-    per_sample: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-    task_info: dict[str, dict] = {}
-    entries = []
-    bar = tqdm(total=len(candidates) * len(task_objects), desc="hf-matta eval", unit="task", disable=not progress)
-    for candidate in candidates:
-        model, student_tokenizer = candidate.load()
-        model = model.to(device=device, dtype=torch_dtype) if torch_dtype else model.to(device)
-        lm = HFLM(pretrained=model, tokenizer=student_tokenizer, backend="causal", batch_size=batch_size)
-        entry = {
-            "name": candidate.name,
-            "source": candidate.source,
-            "role": candidate.role,
-            "plan": candidate.plan,
-            "parameters": candidate.parameters if candidate.parameters is not None else model.num_parameters(),
-            "results": {},
-            "seconds": {},
-        }
-        per_sample[candidate.name] = {}
-        for name, task in task_objects.items():
-            bar.set_postfix_str(f"{candidate.name} / {name}")
-            task_start = time.perf_counter()
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[task],
-                num_fewshot=num_fewshot,
-                limit=limit,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=True,
-                task_manager=manager,
-            )
-            entry["seconds"][name] = round(time.perf_counter() - task_start, 2)
-            entry["results"][name] = _metrics(output["results"][name])
-            per_sample[candidate.name][name] = _per_document(output["samples"][name])
-            task_info.setdefault(name, _task_info(output, name, task))
-            bar.update()
-        entries.append(entry)
-        del lm, model
-    bar.close()
+    with _LmEvalMessages() as messages:
+        manager = _task_manager(tasks, data_dir, heldout_data)
+        task_objects = _load_tasks(manager, tasks, data_dir)
+        entries, per_sample, task_info = _run(
+            candidates, task_objects, manager, messages, num_fewshot, limit, batch_size, device, torch_dtype,
+            bootstrap_iters, progress,
+        )  # fmt: skip
 
     results = {
         "tasks": list(task_objects),
@@ -633,6 +632,63 @@ def evaluate_students(
     if output_dir is not None:
         write_results(results, output_dir)
     return results
+
+
+def _run(
+    candidates: list[_Candidate],
+    task_objects: Mapping[str, Any],
+    manager: TaskManager,
+    messages: _LmEvalMessages,
+    num_fewshot: int | None,
+    limit: float | None,
+    batch_size: int | str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    bootstrap_iters: int,
+    progress: bool,
+) -> tuple[list[dict], dict, dict]:
+    """Every candidate on every task, one model at a time: (results.json's students, per-document values, tasks)."""
+    per_sample: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    task_info: dict[str, dict] = {}
+    entries = []
+    bar = tqdm(total=len(candidates) * len(task_objects), desc="hf-matta eval", unit="task", disable=not progress)
+    for candidate in candidates:
+        model, tokenizer = candidate.load()
+        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        entry = {
+            "name": candidate.name,
+            "source": candidate.source,
+            "role": candidate.role,
+            "plan": candidate.plan,
+            "parameters": candidate.parameters if candidate.parameters is not None else model.num_parameters(),
+            "results": {},
+            "seconds": {},
+            "truncated_requests": {},
+        }
+        per_sample[candidate.name] = {}
+        for name, task in task_objects.items():
+            bar.set_postfix_str(f"{candidate.name} / {name}")
+            start, truncated = time.perf_counter(), messages.truncated
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task],
+                num_fewshot=num_fewshot,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=True,
+                task_manager=manager,
+            )
+            entry["seconds"][name] = round(time.perf_counter() - start, 2)
+            entry["truncated_requests"][name] = messages.truncated - truncated
+            entry["results"][name] = _metrics(output["results"][name])
+            per_sample[candidate.name][name] = _per_document(output["samples"][name])
+            task_info.setdefault(name, _task_info(output, name, task))
+            bar.update()
+        entries.append(entry)
+        del lm, model
+    bar.close()
+    return entries, per_sample, task_info
 
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -879,7 +935,7 @@ def stderr_label(label: str) -> str:
 
 def primary_metric(results: Mapping[str, Any], task: str) -> str:
     """The metric the elastic curve shows for `task`: `acc` when the task has it, else its first metric."""
-    labels = metric_labels(results["students"][0]["results"][task])
+    labels = metric_labels(next(s["results"][task] for s in results["students"] if task in s["results"]))
     return "acc" if "acc" in labels else labels[0]
 
 
@@ -916,9 +972,15 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             values = student["results"][task]
             cells.append(f"{format_number(values.get(metric))} ± {format_number(values.get(stderr_label(metric)))}")
         plan = format_plan(student["plan"]) if student["plan"] else "-"
-        lines.append(
-            f"| {student['name']} | {student['role']} | {student['parameters']:,} | {plan} | " + " | ".join(cells) + " |"
-        )
+        identity = f"| {student['name']} | {student['role']} | {student['parameters']:,} | {plan} | "
+        lines.append(identity + " | ".join(cells) + " |")
+    truncated = {
+        task: max(student.get("truncated_requests", {}).get(task, 0) for student in results["students"])
+        for task in results["tasks"]
+    }
+    if any(truncated.values()):
+        cut = ", ".join(f"{task} {count:,}" for task, count in truncated.items() if count)
+        lines += ["", f"Requests longer than a model's context, cut from the left as lm-eval does (per model): {cut}."]
     if results["baseline"] is not None:
         lines += [
             "",
@@ -962,11 +1024,12 @@ def plot_elastic_curve(results: Mapping[str, Any], path: str | os.PathLike) -> N
             values = student["results"][task]
             return student["parameters"] / 1e6, values[metric], values.get(stderr_label(metric)) or 0.0
 
-        family = sorted((s for s in results["students"] if s["role"] != "baseline"), key=lambda s: s["parameters"])
+        scored = [student for student in results["students"] if metric in student["results"].get(task, {})]
+        family = sorted((s for s in scored if s["role"] != "baseline"), key=lambda s: s["parameters"])
         if family:
             xs, ys, errors = zip(*(point(student) for student in family))
             ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label="students")
-        for student in results["students"]:
+        for student in scored:
             x, y, error = point(student)
             if student["role"] == "ta":
                 ax.plot(x, y, marker="*", markersize=16, linestyle="none", color="tab:orange", label="TA")
