@@ -354,6 +354,7 @@ ERRORS = {
     "unknown name field": (["--org", ORG, "--name-template", "{size}"], {}, 2, "uses ['size']"),
     "names that collide": (["--org", ORG, "--name-template", "{base}"], {}, 2, "the same name 'gpt2'"),
     "server error": (["--org", ORG], {"fail": 0}, 1, "the Hub answered 500"),
+    "unreachable Hub": (["--org", ORG], {"endpoint": "http://127.0.0.1:9"}, 1, "ConnectError"),
     "offline": (["--org", ORG], {"offline": True}, 2, "HF_HUB_OFFLINE is set"),
     "dry run without --out": (["--org", ORG, "--dry-run"], {}, 2, "--dry-run and --out go together"),
 }
@@ -371,6 +372,8 @@ def test_bad_input_or_hub_failure_is_a_clear_error_before_any_upload(
             monkeypatch.setenv("HF_TOKEN", env["HF_TOKEN"])
     if "fail" in env:
         hub.fail_after(env["fail"])
+    if "endpoint" in env:
+        monkeypatch.setattr(constants, "ENDPOINT", env["endpoint"])
     if env.get("offline"):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where staging folders would be left

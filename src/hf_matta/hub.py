@@ -265,9 +265,9 @@ def _hub_errors(token: str, doing: str) -> Iterator[None]:
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "no answer"
         detail = error.server_message or str(error).splitlines()[0]
-        raise PublishError(f"{doing}: the Hub answered {status}: {detail}".replace(token, "<token>")) from None
-    except Exception as error:  # network failures of the HTTP client (connection refused, timeouts)
-        raise PublishError(f"{doing}: {type(error).__name__}: {error}".replace(token, "<token>")) from None
+        raise PublishError(f"{doing}: the Hub answered {status}: {detail}".replace(token, "<token>")) from error
+    except Exception as error:  # network failures of the HTTP client (connection refused, timeouts) and the like
+        raise PublishError(f"{doing}: {type(error).__name__}: {error}".replace(token, "<token>")) from error
 
 
 # --- publishing ----------------------------------------------------------------------------------------------------
