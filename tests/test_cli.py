@@ -152,6 +152,21 @@ def test_console_script(model_dir):
     assert table_rows(result.stdout) == [["27,000", "32,64,32", "26,752", "-"]]
 
 
+@pytest.mark.parametrize(
+    "argv, status",
+    [(["--help"], 0), (["extract", "MODEL", "--plan", "abc", "--out", "x"], 2), (["plans", "M", "--budgets", "1Q"], 2)],
+)
+def test_help_and_argument_errors_answer_without_torch(argv, status):
+    """The command line starts light: torch and transformers load only for the command that runs."""
+    code = (
+        "import sys\nfrom hf_matta.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as exit:\n    code = exit.code\n"
+        "print(code, sorted(name for name in ('torch', 'transformers', 'datasets') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == f"{status} []"
+
+
 def test_plans_measure_on_text_through_the_data_pipeline(trained, model_dir, tmp_path, capsys):
     """A text file is tokenised with MODEL_DIR's tokenizer and packed as hf_matta.data packs training text."""
     lines = ["the quick brown fox jumps over the lazy dog.", "pack my box with five dozen liquor jugs!"] * 4

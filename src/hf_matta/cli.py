@@ -12,35 +12,25 @@ checked before the model's weights are loaded; every output folder before anythi
 pipeline (`hf_matta.pipeline`): its options are the config's fields, the same names as the recipe's.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig
+from .widths import STRATEGIES, parse_budget, parse_plan
 
-from .data import load_heldout_blocks, load_tokenizer
-from .extract import (
-    STRATEGIES,
-    PlanPoint,
-    extract_student,
-    mix_n_match,
-    save_student,
-    smallest_plan,
-    validation_loss,
-)
-from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel
-from .widths import (
-    check_budgets,
-    check_plan,
-    count_parameters,
-    format_plan,
-    parse_budget,
-    parse_plan,
-    plan_name,
-)
+
+# Torch, transformers and the commands' modules are imported by the command that runs: `hf-matta --help` and
+# argument errors answer without them.
+if TYPE_CHECKING:
+    import torch
+
+    from .extract import PlanPoint
+    from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel
 
 
 def _budgets_argument(text: str) -> list[int]:
@@ -235,7 +225,9 @@ def add_publish_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_publish(args: argparse.Namespace) -> int:
     """Choose the plans (for a nested model), then `hf_matta.hub.publish_students`; a Hub failure exits with 1."""
+    from .extract import mix_n_match, smallest_plan
     from .hub import PublishError, check_hub_access, publish_students
+    from .widths import check_budgets
 
     if args.dry_run != (args.out is not None):
         raise ValueError("--dry-run and --out go together: --dry-run --out DIR writes the repo folders to DIR.")
@@ -325,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_plans(args: argparse.Namespace) -> int:
     """Print the plans table."""
+    from .extract import mix_n_match, smallest_plan
+    from .widths import check_budgets
+
     config = _load_config(args.model_dir)
     if args.budgets:
         check_budgets(config, args.budgets, smallest_plan(config, args.strategy))
@@ -336,7 +331,11 @@ def run_plans(args: argparse.Namespace) -> int:
 
 def run_extract(args: argparse.Namespace) -> int:
     """Extract and save the students (each with the nested model's lineage record, for its card), one line each."""
+    from .data import load_tokenizer
+    from .extract import extract_student, mix_n_match, save_student, smallest_plan, validation_loss
     from .hub import read_lineage
+    from .models.matgpt2 import MatGPT2LMHeadModel
+    from .widths import check_budgets, check_plan, count_parameters, format_plan, plan_name
 
     config = _load_config(args.model_dir)
     if args.plan is not None:
@@ -371,6 +370,10 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def _load_config(model_dir: Path) -> MatGPT2Config:
     """The nested model's config, refusing anything that is not a MatGPT2 folder."""
+    from transformers import AutoConfig
+
+    from .models.matgpt2 import MatGPT2Config
+
     if not model_dir.is_dir():
         raise FileNotFoundError(f"MODEL_DIR {str(model_dir)!r} is not a folder; give the folder of a trained model.")
     config = AutoConfig.from_pretrained(model_dir)
@@ -387,7 +390,8 @@ def _load_model_and_data(
 ) -> tuple[MatGPT2LMHeadModel | None, torch.LongTensor | None]:
     """The nested model (only when weights are needed) and the held-out blocks: --data, or the validation split of
     the run that trained MODEL_DIR when `hf-matta run` recorded it there."""
-    from .data import split_blocks
+    from .data import load_heldout_blocks, load_tokenizer, split_blocks
+    from .models.matgpt2 import MatGPT2LMHeadModel
     from .pipeline.run import recorded_data
 
     recorded = recorded_data(args.model_dir)  # (DataArguments, seed) of the training run, or None
@@ -420,6 +424,8 @@ def _load_model_and_data(
 
 def _check_out_dirs(args: argparse.Namespace, plans: Sequence[Sequence[int]]) -> None:
     """Refuse, before any extraction, to write into a student folder that already holds files."""
+    from .widths import plan_name
+
     if args.overwrite:
         return
     folders = [args.out / plan_name(widths) for widths in plans]
@@ -430,6 +436,8 @@ def _check_out_dirs(args: argparse.Namespace, plans: Sequence[Sequence[int]]) ->
 
 def _print_table(points: Sequence[PlanPoint], budgets: Sequence[int] | None) -> None:
     """One row per plan: (budget,) plan, parameters, validation loss."""
+    from .widths import format_plan
+
     rows = [("budget",) * bool(budgets) + ("plan", "params", "val_loss")]
     for idx, point in enumerate(points):
         loss = "-" if point.val_loss is None else f"{point.val_loss:.4f}"

@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTraine
 from .files import atomic_folder, is_empty_folder
 from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel, nested_ffn_parameters
 from .widths import (
+    STRATEGIES,
     Plan,
     block_plans,
     check_budgets,
@@ -31,7 +32,6 @@ from .widths import (
 )
 
 
-STRATEGIES = ("uniform", "block", "search")
 LINEAGE_FILE = "matta_lineage.json"  # where a model or student folder keeps the record of its training run
 
 # Config entries that describe the nested source model, not a student (the student's class sets its own type).

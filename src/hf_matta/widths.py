@@ -8,14 +8,20 @@ layer's full `n_inner`. `check_plan` validates one; `uniform_plans` and `block_p
 strategy in ascending size, and `plans_for_budgets` picks the largest that fits each parameter budget.
 """
 
+from __future__ import annotations
+
 import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
-from .models.matgpt2 import MatGPT2Config
+
+if TYPE_CHECKING:  # annotations only: importing this module stays light (the command line parses plans with it)
+    from .models.matgpt2 import MatGPT2Config
 
 
 Plan = int | Sequence[int] | None
+STRATEGIES = ("uniform", "block", "search")  # how budgets become plans (`hf_matta.extract.mix_n_match`)
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 
 
@@ -170,6 +176,7 @@ def plan_name(widths: Sequence[int]) -> str:
 
 
 __all__ = [
+    "STRATEGIES",
     "Plan",
     "block_plans",
     "check_budgets",

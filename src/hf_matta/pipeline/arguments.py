@@ -25,10 +25,10 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..data import DataArguments
 from ..training_args import MatTATrainingArguments
+from ..widths import STRATEGIES
 
 
 STAGES = ("teacher", "train", "extract", "evaluate", "publish", "report")
-EXTRACT_STRATEGIES = ("uniform", "block", "search")  # `hf_matta.extract.STRATEGIES`, without importing torch here
 _NONE_TOKENS = ("None", "null")  # not "none": report_to takes it as a value
 
 
@@ -150,13 +150,13 @@ class ExtractArguments:
         metadata={
             "help": "How budgets become plans: uniform (one granularity in every layer), block (a centred block of "
             "wider layers) or search (greedy, measured on the validation split).",
-            "choices": list(EXTRACT_STRATEGIES),
+            "choices": list(STRATEGIES),
         },
     )
 
     def __post_init__(self):
-        if self.extract_strategy not in EXTRACT_STRATEGIES:
-            raise ValueError(f"extract_strategy={self.extract_strategy!r} is not one of {list(EXTRACT_STRATEGIES)}.")
+        if self.extract_strategy not in STRATEGIES:
+            raise ValueError(f"extract_strategy={self.extract_strategy!r} is not one of {list(STRATEGIES)}.")
 
 
 @dataclass

@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 from ..data import DataArguments
 from ..files import write_json_atomic
-from .arguments import STAGES, PipelineArguments, parse_args, training_fingerprint_fields
+from .arguments import STAGES, PipelineArguments, training_fingerprint_fields
 from .check import check_run
 from .report import report_stage
 from .stages import Run, evaluate_stage, extract_stage, publish_stage, teacher_stage, train_stage
@@ -258,30 +257,8 @@ def _print(line: str) -> None:
     print(f"[hf-matta] {line}", flush=True)
 
 
-def main(
-    argv: list[str] | None = None,
-    default_config: str | os.PathLike | None = None,
-    prog: str = "hf-matta run",
-    config_positional: bool = True,
-) -> int:
-    """Parse the arguments (`parse_args`) and run the pipeline; a bad config or input ends with its message and
-    status 2. `hf-matta run` takes the config as its first positional argument, the recipe as `--config`."""
-    from ..hub import PublishError
-
-    try:
-        run_pipeline(parse_args(argv, default_config, prog=prog, config_positional=config_positional))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    except PublishError as error:  # the Hub failed; what was published before it is named, a re-run completes it
-        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
 __all__ = [
     "STAGE_FUNCTIONS",
-    "main",
     "plan_stages",
     "read_record",
     "record_path",
