@@ -7,6 +7,8 @@ the Auto classes (see `hf_matta.models`).
 """
 
 import importlib
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 
@@ -34,13 +36,21 @@ if TYPE_CHECKING:
     from .training_args import MatTATrainingArguments
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module that defines `name` on first access (PEP 562), then keep the name on the package."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'hf_matta' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` (PEP 562) for `package`: each name of `exports` is imported from the module it maps to
+    on first access, then kept on the package."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name]), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

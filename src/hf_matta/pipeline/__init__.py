@@ -12,19 +12,20 @@ Names are imported from their module on first use, so that `hf-matta run` parses
 lm-eval and the Hub client load.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .. import lazy_exports
 
 
 _EXPORTS = {
-    "STAGES": "arguments",
-    "PipelineArguments": "arguments",
-    "parse_args": "arguments",
-    "main": "main",
-    "run_pipeline": "run",
-    "build_nested_model": "stages",
-    "config_from_string": "stages",
-    "pretrain_teacher": "stages",
+    "STAGES": "hf_matta.pipeline.arguments",
+    "PipelineArguments": "hf_matta.pipeline.arguments",
+    "parse_args": "hf_matta.pipeline.arguments",
+    "main": "hf_matta.pipeline.main",
+    "run_pipeline": "hf_matta.pipeline.run",
+    "build_nested_model": "hf_matta.pipeline.stages",
+    "config_from_string": "hf_matta.pipeline.stages",
+    "pretrain_teacher": "hf_matta.pipeline.stages",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -35,11 +36,4 @@ if TYPE_CHECKING:
     from .run import run_pipeline
     from .stages import build_nested_model, config_from_string, pretrain_teacher
 
-
-def __getattr__(name: str) -> Any:
-    """Import the module that defines `name` on first access (PEP 562)."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'hf_matta.pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
