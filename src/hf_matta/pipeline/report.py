@@ -25,16 +25,19 @@ VALIDATION_TASK = "validation"  # the validation perplexity, shown as one more p
 _ROLE_ORDER = {"student": 0, "member": 1, "ta": 2, "baseline": 3, "teacher": 4}
 
 
-def source_commit(path: str | os.PathLike = Path(__file__).parents[1]) -> str | None:
-    """The short git commit of the checkout holding `path` (default: the hf_matta package), noting uncommitted
-    changes to the files under `path`; None outside a git checkout (an installed wheel)."""
+def source_commit(*paths: str | os.PathLike) -> str | None:
+    """The short git commit of the checkout hf_matta runs from, noting uncommitted changes to the package or to
+    `paths` (relative to the checkout's root); None outside a git checkout (an installed wheel)."""
+    package = Path(__file__).parents[1]
+    root = package.parents[1]
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True, timeout=10
         )
+        watched = [str(package), *(str(root / path) for path in paths)]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
-            cwd=path, capture_output=True, text=True, timeout=10,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *watched],
+            cwd=package, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -56,8 +59,8 @@ def provenance(script: str, seconds: float, parallelism: str) -> list[str]:
         "",
         f"    .venv/bin/python {script} {' '.join(sys.argv[1:])}".rstrip(),
         "",
-        f"- Commit {source_commit() or 'unknown'}; torch {torch.__version__}; {os.cpu_count()} CPU cores ({cpu}), "
-        f"{platform.platform()}; {parallelism}; load average at the end {os.getloadavg()[0]:.1f}.",
+        f"- Commit {source_commit(script) or 'unknown'}; torch {torch.__version__}; {os.cpu_count()} CPU cores "
+        f"({cpu}), {platform.platform()}; {parallelism}; load average at the end {os.getloadavg()[0]:.1f}.",
     ]
 
 
