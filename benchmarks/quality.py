@@ -1,49 +1,54 @@
-"""The paper's quality claims at a scale two CPU cores can run: student alone, KD, MatTA, their optimizers, the
-parameter-sharing ablation and the Mix'n'Match curve, with validation perplexity over seeds.
+"""The paper's quality claims at a scale two CPU cores can run: is the MatTA family elastic (a TA ahead of its
+student, Mix'n'Match students on or below the curve of models trained alone), and is its student better than one
+distilled from the teacher alone? Every claim is decided by the script, over seeds, against tuned baselines.
 
-    .venv/bin/python benchmarks/quality.py                      # --setting smallest: under 30 min on 2 idle cores
-    .venv/bin/python benchmarks/quality.py --setting small      # wider models, longer budgets, 6 trials per arm
-    .venv/bin/python benchmarks/quality.py --steps 200 --trials 2 --seeds 1 --out /tmp/q.md   # a quick look
+    .venv/bin/python benchmarks/quality.py                         # --setting smallest: from scratch, fast
+    apt-get install python3.11-doc                                 # once: the capacity setting's corpus
+    .venv/bin/python benchmarks/quality.py --setting capacity      # the paper's setting in miniature (hours)
+    .venv/bin/python benchmarks/quality.py --steps 100 --trials 2 --seeds 1 --out /tmp/q.md   # a quick look
 
-What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm gets the
-same token budget, steps x batch x block, and the same schedule: linear warm-up over 10 % of the steps, cosine decay):
-1. Data: Python's own `pydoc_data.topics` (the only corpus installed here: Debian's python3.11-doc and jargon-text are
-   not), a ByteLevel BPE trained on the training documents, blocks of `block` tokens; `validation_split_percentage` of
-   the documents held out, whose blocks are split in two: even blocks tune the arms, odd blocks are the test set on
-   which every reported perplexity is measured.
-2. Teacher: a wider GPT-2 pre-trained first on the same training blocks, with the recipe's
-   `recipes/train_gpt2m.py:pretrain_teacher` (Transformers' plain Trainer), for `teacher_steps` steps.
-3. Tuning, the same number of trials per arm (`--trials`, the first trial is the defaults, the others are drawn
-   at random from the grid, seeded): CE alone: learning rate. KD: learning rate, gamma, tau_T. MatTA starts from KD's
-   best learning rate, gamma and tau_T and tunes its own knobs: w_D, its warm-up, tau_D, the TA's FFN width as a
-   multiple of the student's, and the detach option. Chosen by the student's tune-split perplexity at seed 0.
-4. Seeds: every tuned arm with `--seeds` seeds: CE student alone, KD student, MatTA (student and TA), a model of the
-   TA's size trained alone (CE), and with Shampoo (`hf_matta.optim`'s ScalableShampoo, the tuned settings, the
-   better on seed 0 of AdamW's learning rate x 1 or x 2) KD and MatTA: the 2 x 2 of {KD, MatTA} x {AdamW, Shampoo}.
-5. Parameter-sharing ablation: MatTA's loss and trainer with a TA that shares no weights with the student (a
-   separate model of the TA's shape trained online in the same step).
-6. Mix'n'Match: the tuned MatTA model (seed 0) extracted (`hf_matta.extract.extract_student`) at its block plans
-   (`mix_n_match(..., "block")`), against models of exactly the same parameter count (a uniform FFN width) trained
-   alone with KD's tuned settings for the same tokens; plotted to `--plot`.
-7. Budget: KD and MatTA (tuned, seed 0) again with `budget_multipliers` x the steps.
+Two settings (`SETTINGS`):
+- `smallest`, from scratch on `pydoc_data.topics` (Python's own help() text, 0.13 M training tokens): about 0.6
+  tokens per parameter, so no model is short of capacity; it is fast, and shows what MatTA does to a student that
+  is short of data.
+- `capacity`, the paper's setting in miniature, where capacity binds: `python-docs` (the sources of Python's
+  documentation, `apt-get install python3.11-doc`, 4.2 M tokens at a 1024-token BPE, the largest English corpus
+  installable offline here). A student is pre-trained alone on 2/3 of the training documents, as GPT-2 Medium was
+  before the paper grew it; it is then grown into a TA with `MatGPT2LMHeadModel.from_gpt2` (new FFN neurons with
+  zero output, so the TA starts as the student) and every arm continues from it on the other third, text no arm
+  has seen: CE-continued, KD-continued, MatTA, and KD-alone models of every size grown the same way.
+
+What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
+setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
+1. Data: a ByteLevel BPE trained on the training documents; `held_out` % of the documents held out and split, by
+   document, into a tune half (arms are tuned on it) and a test half (every reported perplexity).
+2. Teacher: a wider GPT-2 trained with CE on the (pre-)training blocks and frozen; for `capacity`, also the
+   pre-trained student.
+3. Tuning, the same number of trials per arm (`--trials`; the first is the arm's defaults, the others distinct
+   random draws from its grid): CE: learning rate. KD: learning rate, gamma, tau_T. MatTA: from KD's best learning
+   rate, gamma and tau_T, its own knobs: the TA-first phase, the student's ramp, w_A, w_D, tau_D, detach, and
+   whether the widths between student and TA train. Chosen by the student's tune-split perplexity at seed 0.
+4. Seeds (`--seeds`): CE and KD students, MatTA, KD-alone models at every size of the Mix'n'Match ladder (student,
+   three in between, TA), KD at MatTA's FLOPs, and the {KD, MatTA} x {AdamW, Shampoo} 2 x 2 (Shampoo's learning
+   rate: the better of the AdamW arm's x 1 or x 2 on seed 0). `smallest` adds the sharing ablation (a separate TA
+   trained online with the same loss).
+5. Mix'n'Match on every MatTA seed: uniform plans (every layer at one ladder width), block plans (a centred block of
+   k layers at the TA's width, the others at the student's: exactly the ladder's parameter counts), both with the
+   TA-only neurons in trained order and reordered by importance
+   (`MatGPT2LMHeadModel.reorder_neurons_by_importance`), and the greedy search (`mix_n_match(..., "search")` on the
+   tune split).
 
 Runs go to `--jobs` worker processes (one CPU thread each by default); each run's result is cached as JSON under
-`--work`, so an interrupted benchmark resumes where it stopped. The script writes the tables, the claims it can
-decide from them, the date, commit, machine and its exact command into `--out` (benchmarks/RESULTS.md).
+`--work`, so an interrupted benchmark resumes where it stopped. The script writes its tables, the claims it decides
+from them, the date, commit, machine and exact command into `--out` (benchmarks/RESULTS.md).
 """
 
 import argparse
-import dataclasses
-import datetime
 import hashlib
-import importlib.util
 import json
 import math
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -52,54 +57,60 @@ from pathlib import Path
 
 import torch
 
+from hf_matta.pipeline.report import provenance, write_section
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SETTINGS = {
-    # steps x batch x block = tokens per run; the corpus holds about 150 k training tokens at a 1024-token BPE.
     "smallest": dict(
-        vocab=1024, block=64, batch=8, steps=250, n_layer=4, n_embd=64, n_head=4, student_ffn=128, ta_ratio=4,
-        teacher="n_layer=4,n_embd=128,n_head=4", teacher_steps=500, trials=3, seeds=3, mnm_seeds=1,
-        budget_multipliers=[3], shampoo_block=128,
+        corpus="pydoc_data.topics", held_out=20, vocab=1024, block=64, batch=8, steps=250, n_layer=4, n_embd=64,
+        n_head=4, student_ffn=128, ta_ffn=512, teacher="n_layer=4,n_embd=128,n_head=4", teacher_steps=500,
+        trials=4, seeds=3, shampoo_block=128, grow=False, sharing_ablation=True,
     ),
-    "small": dict(
-        vocab=2048, block=128, batch=16, steps=600, n_layer=4, n_embd=128, n_head=4, student_ffn=256, ta_ratio=4,
-        teacher="n_layer=6,n_embd=256,n_head=8", teacher_steps=1200, trials=6, seeds=3, mnm_seeds=2,
-        budget_multipliers=[2, 4], shampoo_block=256,
+    "capacity": dict(
+        corpus="python-docs", held_out=6, vocab=1024, block=128, batch=16, steps=600, n_layer=4, n_embd=64,
+        n_head=4, student_ffn=128, ta_ffn=512, teacher="n_layer=4,n_embd=128,n_head=4", teacher_steps=1200,
+        pretrain_steps=2400, continue_fraction=1 / 3, trials=4, seeds=3, shampoo_block=128, grow=True,
+        sharing_ablation=False,
     ),
 }  # fmt: skip
-VALIDATION_PERCENT = 15
-# Shampoo (Adam-grafted) tends to want a larger step than AdamW (benchmarks/optimizers.md: 4e-3 vs 2e-3): each Shampoo
-# arm picks, on seed 0, the better of AdamW's tuned learning rate times these.
-SHAMPOO_LR_MULTIPLIERS = (1, 2)
+TUNE_BLOCKS, TEST_BLOCKS = 512, 1024  # held-out blocks measured per run (the first ones of each split)
+SHAMPOO_LR_MULTIPLIERS = (1, 2)  # Shampoo (Adam-grafted) tends to want a larger step (benchmarks/optimizers.md)
 DEFAULTS = {
     "ce": dict(learning_rate=2e-3),
     "kd": dict(learning_rate=2e-3, teacher_weight=0.5, teacher_temperature=1.0),
-    "matta": dict(distill_weight=1.0, distill_warmup_steps=0.0, distill_temperature=1.0, ta_ratio=4, detach=True),
+    # The TA alone for 40 % of the steps, then the student's and the distillation terms ramped in over 30 %: the
+    # schedule that lifted the student most in the first measurements (issue 12).
+    "matta": dict(
+        ta_first_steps=0.4, student_warmup_steps=0.3, distill_warmup_steps=0.3, ta_weight=1.0, distill_weight=1.0,
+        distill_temperature=1.0, detach_ta_targets=True, extra_widths="none",
+    ),
 }
 GRIDS = {
     "ce": dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3]),
     "kd": dict(
-        learning_rate=[1e-3, 2e-3, 4e-3, 8e-3], teacher_weight=[0.25, 0.5, 0.75, 0.9], teacher_temperature=[1.0, 2.0, 4.0]
+        learning_rate=[1e-3, 2e-3, 4e-3, 8e-3], teacher_weight=[0.25, 0.5, 0.75, 0.9],
+        teacher_temperature=[1.0, 2.0, 4.0],
     ),
     "matta": dict(
-        distill_weight=[0.25, 0.5, 1.0, 2.0], distill_warmup_steps=[0.0, 0.25, 0.5], distill_temperature=[1.0, 2.0, 4.0],
-        ta_ratio=[2, 4, 8], detach=[True, False],
+        ta_first_steps=[0.0, 0.2, 0.4], student_warmup_steps=[0.0, 0.1, 0.3], distill_warmup_steps=[0.0, 0.1, 0.3],
+        ta_weight=[1.0, 2.0], distill_weight=[0.5, 1.0, 2.0], distill_temperature=[1.0, 2.0],
+        detach_ta_targets=[True, False], extra_widths=["none", "all"],
     ),
 }  # fmt: skip
+
+
+def ladder(setting: dict) -> list[int]:
+    """The Mix'n'Match ladder: student, n_layer - 1 widths in between, TA. A uniform width S + k (A - S) / L has
+    exactly the parameters of the block plan with k layers at the TA's width and the others at the student's."""
+    S, A, L = setting["student_ffn"], setting["ta_ffn"], setting["n_layer"]
+    return [S + k * (A - S) // L for k in range(L + 1)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One training run (in a worker process)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _recipe():
-    """recipes/train_gpt2m.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("train_gpt2m", ROOT / "recipes" / "train_gpt2m.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _blocks(ids: torch.Tensor) -> list[dict]:
@@ -110,19 +121,15 @@ def _blocks(ids: torch.Tensor) -> list[dict]:
 def _training_args(run: dict, out_dir: Path):
     from hf_matta.training_args import MatTATrainingArguments
 
-    hp = run["hp"]
-    fields = dict(
+    hp = dict(run["hp"])
+    matta = {key: hp[key] for key in [*DEFAULTS["matta"], "teacher_weight", "teacher_temperature"] if key in hp}
+    return MatTATrainingArguments(
         output_dir=str(out_dir), use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=run["seed"], data_seed=run["seed"],
         max_steps=run["steps"], per_device_train_batch_size=run["batch"], per_device_eval_batch_size=32,
         learning_rate=hp["learning_rate"], lr_scheduler_type="cosine", warmup_steps=max(1, run["steps"] // 10),
-        weight_decay=0.1, optimizer=run["optimizer"], teacher_weight=hp.get("teacher_weight", 0.5),
-        teacher_temperature=hp.get("teacher_temperature", 1.0), distill_weight=hp.get("distill_weight", 1.0),
-        distill_warmup_steps=hp.get("distill_warmup_steps", 0.0),
-        distill_temperature=hp.get("distill_temperature", 1.0), detach_ta_targets=hp.get("detach", True),
-        max_preconditioner_dim=run.get("shampoo_block", 1024), extra_widths=hp.get("extra_widths", "none"),
+        weight_decay=0.1, optimizer=run["optimizer"], max_preconditioner_dim=run.get("shampoo_block", 1024), **matta,
     )  # fmt: skip
-    return MatTATrainingArguments(**fields)
 
 
 def _model_config(shape: dict, widths: list[int]):
@@ -132,7 +139,7 @@ def _model_config(shape: dict, widths: list[int]):
     return MatGPT2Config(
         n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"], vocab_size=shape["vocab"],
         n_positions=shape["block"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-        eos_token_id=0, mat_widths=widths,
+        eos_token_id=0, activation_function="gelu", mat_widths=widths,
     )  # fmt: skip
 
 
@@ -158,92 +165,93 @@ def _separate_ta_class():
     return SeparateTAModel
 
 
-def _loss_on(model, ids: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean next-token loss of any causal LM (stock GPT-2 or MatGPT2) on blocks (N, T)."""
-    model.eval()
-    with torch.no_grad():
-        total = sum(model(batch, labels=batch).loss.item() * len(batch) for batch in ids.split(batch_size))
-    return total / len(ids)
+def _build_model(run: dict):
+    """The run's model: grown from a saved pre-trained student, or initialised from its shape."""
+    from transformers import GPT2LMHeadModel
+
+    from hf_matta import MatGPT2LMHeadModel
+
+    widths = run["widths"]
+    if run.get("init"):
+        pretrained = GPT2LMHeadModel.from_pretrained(Path(run["work"]) / "models" / run["init"])
+        return MatGPT2LMHeadModel.from_gpt2(pretrained, mat_widths=widths, student_width=widths[0])
+    config = _model_config(run["shape"], widths)
+    if run["kind"] == "separate_ta":
+        return _separate_ta_class()(config, _model_config(run["shape"], widths[-1:]))
+    return MatGPT2LMHeadModel(config)
 
 
 def train_run(run: dict) -> dict:
-    """One training run described by `run` (a JSON-able dict); returns its test/tune perplexities per width."""
+    """One training run described by `run` (a JSON-able dict); returns its tune/test perplexities per width, the
+    collapse diagnostics of a nested model, and its Mix'n'Match curves when asked."""
     torch.set_num_threads(run["threads"])
     from transformers import GPT2LMHeadModel, PrinterCallback, default_data_collator, set_seed
 
-    from hf_matta import MatGPT2LMHeadModel
-    from hf_matta.extract import validation_loss
+    from hf_matta.extract import extract_student, validation_loss
     from hf_matta.trainer import MatTATrainer
 
     data = torch.load(run["data"], weights_only=True)
-    out_dir = Path(run["work"]) / "tmp" / run["key"]
     start = time.perf_counter()
-    if run["kind"] == "teacher":
-        recipe = _recipe()
-        from transformers import PreTrainedTokenizerFast
-
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(run["tokenizer"])
-        shape = run["shape"]
-        model_args = recipe.ModelArguments(
-            config_overrides=f"n_layer={shape['n_layer']},n_embd={shape['n_embd']}",
-            mat_widths=[shape["student_ffn"]], tokenizer_name_or_path=run["tokenizer"],
-            teacher_pretrain_config=f"{run['teacher']},n_positions={shape['block']},resid_pdrop=0.0,embd_pdrop=0.0,"
-            "attn_pdrop=0.0", teacher_pretrain_steps=run["steps"], teacher_pretrain_learning_rate=run["hp"]["learning_rate"],
-        )  # fmt: skip
-        set_seed(run["seed"])
-        recipe.pretrain_teacher(
-            model_args, _training_args(run, out_dir), tokenizer, {"train": _blocks(data["train"])}, shape["block"],
-            run["teacher_dir"],
-        )
-        teacher = GPT2LMHeadModel.from_pretrained(run["teacher_dir"])
-        return {
-            "tune_ppl": {"teacher": math.exp(_loss_on(teacher, data["tune"]))},
-            "test_ppl": {"teacher": math.exp(_loss_on(teacher, data["test"]))},
-            "params": {"teacher": sum(p.numel() for p in teacher.parameters())},
-            "seconds": time.perf_counter() - start,
-        }
-
     set_seed(run["seed"])
-    widths = run["widths"]
-    config = _model_config(run["shape"], widths)
-    if run["kind"] == "separate_ta":
-        model = _separate_ta_class()(config, _model_config(run["shape"], widths[-1:]))
-    else:
-        model = MatGPT2LMHeadModel(config)
+    model = _build_model(run)
     teacher = None
     if run["hp"].get("teacher_weight", 0) > 0:
-        teacher = GPT2LMHeadModel.from_pretrained(run["teacher_dir"])
-    args = _training_args(run, out_dir)
+        teacher = GPT2LMHeadModel.from_pretrained(Path(run["work"]) / "models" / "teacher")
     trainer = MatTATrainer(
-        model=model, args=args, train_dataset=_blocks(data["train"]), data_collator=default_data_collator,
-        teacher_model=teacher,
+        model=model, args=_training_args(run, Path(run["work"]) / "tmp" / run["key"]),
+        train_dataset=_blocks(data[run["split"]]), data_collator=default_data_collator, teacher_model=teacher,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     train_metrics = trainer.train().metrics
     result = {"seconds": time.perf_counter() - start}
-    for split in ("tune", "test"):
-        result[f"{split}_ppl"] = {str(w): math.exp(validation_loss(model, data[split], w, 32)) for w in widths}
+    tune, test = data["tune"][:TUNE_BLOCKS], data["test"][:TEST_BLOCKS]
+    for split, ids in (("tune", tune), ("test", test)):
+        result[f"{split}_ppl"] = {str(w): math.exp(validation_loss(model, ids, w, 32)) for w in run["widths"]}
     result["train_tokens_per_s"] = run["steps"] * run["batch"] * run["shape"]["block"] / train_metrics["train_runtime"]
+    if len(run["widths"]) > 1 and run["kind"] != "separate_ta":
+        metrics = trainer.evaluate(eval_dataset=_blocks(test))
+        result["diagnostics"] = {
+            key.removeprefix("eval_"): value for key, value in metrics.items() if "kl_" in key or "ffn_" in key
+        }
     if run.get("mix_n_match"):
-        strategy = run["mix_n_match"] if isinstance(run["mix_n_match"], str) else "block"
-        result["mix_n_match"] = _mix_n_match(model, data["test"], strategy)
+        result["mix_n_match"] = _mix_n_match(model, tune, test, run)
+    if run.get("save"):
+        extract_student(model, run["widths"][-1]).save_pretrained(Path(run["work"]) / "models" / run["save"])
     return result
 
 
-def _mix_n_match(model, test_ids: torch.Tensor, strategy: str) -> list[dict]:
-    """Every plan of a strategy (`block`, `uniform`) of the trained nested model, extracted as a standalone model and measured on the test set;
-    the extracted model's loss must equal the nested model's at that plan."""
-    from hf_matta.extract import extract_student, mix_n_match
+def _mix_n_match(model, tune_ids: torch.Tensor, test_ids: torch.Tensor, run: dict) -> dict:
+    """Every Mix'n'Match family of a trained nested model, measured on the test split (extracted students, whose
+    loss must equal the nested model's at their plan): uniform and block plans as trained and with the TA-only
+    neurons reordered by importance, and the greedy search's path (searched on the tune split)."""
+    from hf_matta.extract import extract_student, mix_n_match, validation_loss
+    from hf_matta.widths import block_plans
 
-    points = []
-    for point in mix_n_match(model, strategy, input_ids=test_ids, batch_size=32):
-        student = extract_student(model, list(point.widths))
-        loss = _loss_on(student, test_ids)
-        if abs(loss - point.val_loss) > 1e-4:
-            raise RuntimeError(f"extracted plan {point.widths}: loss {loss} differs from the nested {point.val_loss}")
-        params = sum(p.numel() for p in student.parameters())
-        points.append({"widths": list(point.widths), "params": params, "ppl": math.exp(loss)})
-    return points
+    widths = run["widths"]
+    S, A, L = widths[0], widths[-1], run["shape"]["n_layer"]
+    two_level = _model_config(run["shape"], [S, A])
+
+    def measure(plans: list[tuple[int, ...]]) -> list[dict]:
+        points = []
+        for plan in plans:
+            student = extract_student(model, list(plan))
+            loss = validation_loss(student, test_ids, batch_size=32)
+            nested = validation_loss(model, test_ids, list(plan), 32)
+            if abs(loss - nested) > 1e-4:
+                raise RuntimeError(f"extracted plan {plan}: loss {loss} differs from the nested model's {nested}")
+            params = sum(p.numel() for p in student.parameters())
+            points.append({"widths": list(plan), "params": params, "ppl": math.exp(loss)})
+        return points
+
+    uniform = [(width,) * L for width in widths]
+    blocks = block_plans(two_level)
+    families = {"uniform": measure(uniform), "block": measure(blocks)}
+    search = mix_n_match(model, "search", input_ids=tune_ids, batch_size=32)
+    families["search"] = measure([point.widths for point in search])
+    model.reorder_neurons_by_importance(tune_ids[:64])
+    families["uniform_reordered"] = measure(uniform)
+    families["block_reordered"] = measure(blocks)
+    return families
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,50 +259,57 @@ def _mix_n_match(model, test_ids: torch.Tensor, strategy: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prepare_data(setting: dict, work: Path) -> tuple[Path, Path]:
-    """Tokenizer and token blocks (train, tune, test) saved under `work`; returns their paths."""
+def prepare_data(setting: dict, work: Path) -> tuple[Path, dict]:
+    """Token blocks of every split saved under `work`; returns their path and each split's document count.
+
+    Held-out documents are split in two by document (tune, test); with `grow`, the training documents too
+    (pre-training, continuation), so that continuation text is new to every model.
+    """
+    from datasets import DatasetDict
+
     from hf_matta.data import DataArguments, load_corpus, load_or_train_tokenizer, tokenize_and_pack
 
     data_args = DataArguments(
-        builtin_corpus="pydoc_data.topics", block_size=setting["block"], validation_split_percentage=VALIDATION_PERCENT
+        builtin_corpus=setting["corpus"], block_size=setting["block"], validation_split_percentage=setting["held_out"]
     )
     raw = load_corpus(data_args, seed=0)
-    tokenizer_dir = work / f"tokenizer-{setting['vocab']}"
-    tokenizer = load_or_train_tokenizer(tokenizer_dir, raw["train"], data_args.text_column, setting["vocab"])
-    blocks = tokenize_and_pack(raw, tokenizer, data_args)
-    train = torch.tensor(blocks["train"]["input_ids"])
-    held_out = torch.tensor(blocks["validation"]["input_ids"])
-    path = work / f"blocks-{setting['vocab']}-{setting['block']}.pt"
-    torch.save({"train": train, "tune": held_out[0::2], "test": held_out[1::2]}, path)
-    return path, tokenizer_dir
+    held_out = raw["validation"].train_test_split(test_size=0.5, seed=0)
+    splits = {"train": raw["train"], "tune": held_out["train"], "test": held_out["test"]}
+    if setting["grow"]:
+        train = raw["train"].train_test_split(test_size=setting["continue_fraction"], seed=0)
+        splits.update(pretrain=train["train"], resume=train["test"])
+    tokenizer = load_or_train_tokenizer(work / f"tokenizer-{setting['vocab']}", raw["train"], "text", setting["vocab"])
+    blocks = tokenize_and_pack(DatasetDict(splits), tokenizer, data_args)
+    path = work / f"blocks-{setting['corpus']}-{setting['vocab']}-{setting['block']}.pt"
+    torch.save({split: torch.tensor(blocks[split]["input_ids"]) for split in splits}, path)
+    return path, {split: len(documents) for split, documents in splits.items()}
 
 
 class Runner:
     """Runs training runs in worker processes, caching each result as JSON under `work/runs/`."""
 
-    def __init__(self, setting: dict, work: Path, data: Path, tokenizer: Path, jobs: int, threads: int):
+    def __init__(self, setting: dict, work: Path, data: Path, jobs: int, threads: int):
         self.setting, self.work, self.jobs = setting, work, jobs
-        self.base = dict(
-            data=str(data), tokenizer=str(tokenizer), work=str(work), threads=threads,
-            teacher_dir=str(work / "teacher"), batch=setting["batch"],
-            shape={key: setting[key] for key in ("n_layer", "n_embd", "n_head", "vocab", "block", "student_ffn")},
-        )  # fmt: skip
+        self.shape = _shape(setting)
+        self.base = dict(data=str(data), work=str(work), threads=threads, batch=setting["batch"])
         (work / "runs").mkdir(parents=True, exist_ok=True)
         self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
 
-    def spec(self, kind: str, hp: dict, seed: int = 0, optimizer: str = "adamw", steps: int | None = None, **extra):
-        """A run description; `key` hashes everything that changes its result."""
-        ratio = hp.get("ta_ratio", 1)
-        student = extra.pop("width", self.setting["student_ffn"])
-        widths = [student] if kind in ("ce", "kd", "teacher") else [student, student * ratio]
-        widths = extra.pop("widths", widths)
+    def spec(self, kind: str, hp: dict, seed: int = 0, optimizer: str = "adamw", **extra) -> dict:
+        """A run description; `key` hashes everything that changes its result. Defaults: the setting's student
+        (nested in the ladder for MatTA), its training split and steps; grown from the pre-trained student with
+        `grow`."""
+        S = self.setting["student_ffn"]
+        widths = extra.pop("widths", ladder(self.setting) if kind in ("matta", "separate_ta") else [S])
+        grow = self.setting["grow"]
         run = dict(
-            self.base, kind=kind, hp=hp, seed=seed, optimizer=optimizer, steps=steps or self.setting["steps"],
-            widths=widths, teacher=self.setting["teacher"], **extra,
+            self.base, kind=kind, hp=hp, seed=seed, optimizer=optimizer, steps=self.setting["steps"], widths=widths,
+            shape=self.shape, split="resume" if grow else "train", init="student" if grow else None,
         )  # fmt: skip
+        run.update(extra)
         if optimizer == "shampoo":
             run["shampoo_block"] = self.setting["shampoo_block"]
-        identity = {k: v for k, v in run.items() if k not in ("threads", "work", "teacher_dir")}
+        identity = {k: v for k, v in run.items() if k not in ("threads", "work")}
         run["key"] = f"{kind}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}"
         return run
 
@@ -341,178 +356,204 @@ def _product(lists: list[list]) -> list[tuple]:
     return out
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+def _best(settings: list[dict], results: list[dict], width: int) -> dict:
+    return settings[min(range(len(settings)), key=lambda i: results[i]["tune_ppl"][str(width)])]
 
 
-def _student(result: dict, width: int) -> float:
-    return result["test_ppl"][str(width)]
+def _shape(setting: dict) -> dict:
+    """The student's shape: the keys `_model_config` reads."""
+    return {key: setting[key] for key in ("n_layer", "n_embd", "n_head", "vocab", "block")}
+
+
+def _teacher_shape(setting: dict) -> dict:
+    """The teacher's shape: the student's, with the setting's `teacher` overrides (`n_layer=4,n_embd=128,...`)."""
+    overrides = (pair.split("=") for pair in setting["teacher"].split(","))
+    return {**_shape(setting), **{key: int(value) for key, value in overrides}}
+
+
+def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
+    """Training FLOPs of a run: 3 x forward for every trained model per token (forward and backward), 1 x for the
+    teacher's forward; MatTA's student forward is skipped during its TA-first phase."""
+    from hf_matta.widths import count_flops_per_token
+
+    shape = _shape(setting)
+    tokens = setting["batch"] * setting["block"]
+
+    def forward(shape: dict, width: int) -> int:
+        return count_flops_per_token(_model_config(shape, [width]), seq_len=setting["block"]) * tokens
+
+    teacher_shape = _teacher_shape(setting)
+    teacher = forward(teacher_shape, 4 * teacher_shape["n_embd"]) if hp.get("teacher_weight", 0) > 0 else 0
+    if kind != "matta":
+        return steps * (3 * forward(shape, setting["student_ffn"]) + teacher)
+    widths = ladder(setting)
+    students = widths[:-1] if hp.get("extra_widths") == "all" else widths[:1]
+    ta_first = hp.get("ta_first_steps", 0)
+    ta_only = int(ta_first) if ta_first >= 1 else math.ceil(steps * ta_first)
+    ta = 3 * forward(shape, widths[-1]) + teacher
+    return ta_only * ta + (steps - ta_only) * (ta + sum(3 * forward(shape, width) for width in students))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="smallest")
-    for name in ("steps", "trials", "seeds", "teacher_steps"):
+    for name in ("steps", "trials", "seeds", "teacher_steps", "pretrain_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"override the setting's {name}")
     parser.add_argument("--jobs", type=int, default=2, help="parallel training processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
     parser.add_argument("--work", type=Path, help="cache folder (default outputs/quality/<setting>)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
-    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "quality_mix_n_match.png")
+    parser.add_argument("--plot", type=Path, help="Mix'n'Match plot (default benchmarks/quality_<setting>.png)")
     args = parser.parse_args(argv)
     setting = dict(SETTINGS[args.setting])
-    for name in ("steps", "trials", "seeds", "teacher_steps"):
+    for name in ("steps", "trials", "seeds", "teacher_steps", "pretrain_steps"):
         if getattr(args, name) is not None:
             if getattr(args, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1.")
             setting[name] = getattr(args, name)
     if args.jobs < 1 or args.threads < 1:
         raise SystemExit(f"--jobs {args.jobs} and --threads {args.threads} must be at least 1.")
+    plot = args.plot or ROOT / "benchmarks" / f"quality_{args.setting}.png"
     work = args.work or ROOT / "outputs" / "quality" / args.setting
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"quality --setting {args.setting}: {json.dumps(setting)}", flush=True)
 
-    data, tokenizer = prepare_data(setting, work)
+    data, documents = prepare_data(setting, work)
     blocks = torch.load(data, weights_only=True)
-    runner = Runner(setting, work, data, tokenizer, args.jobs, args.threads)
+    runner = Runner(setting, work, data, args.jobs, args.threads)
     seeds = list(range(setting["seeds"]))
-    S = setting["student_ffn"]
+    S, A = setting["student_ffn"], setting["ta_ffn"]
+    sizes = ladder(setting)
+    teacher_shape = _teacher_shape(setting)
+    pretrain_split = "pretrain" if setting["grow"] else "train"
 
-    print("stage 1: teacher, and CE trials", flush=True)
-    teacher_run = runner.spec("teacher", {"learning_rate": 2e-3}, steps=setting["teacher_steps"])
+    print("stage 1: teacher (and the pre-trained student), CE trials", flush=True)
+    lr = DEFAULTS["ce"]
+    base_runs = [
+        runner.spec("ce", lr, widths=[4 * teacher_shape["n_embd"]], shape=teacher_shape, split=pretrain_split,
+                    init=None, steps=setting["teacher_steps"], save="teacher")
+    ]  # fmt: skip
+    if setting["grow"]:
+        base_runs.append(
+            runner.spec("ce", lr, split="pretrain", init=None, steps=setting["pretrain_steps"], save="student")
+        )
+    base_results = runner.run_all(base_runs)
     ce_trials = trials("ce", setting["trials"])
-    teacher_result, *ce_results = runner.run_all(
-        [teacher_run, *(runner.spec("ce", hp) for hp in ce_trials)]
-    )
+    ce_results = runner.run_all([runner.spec("ce", hp) for hp in ce_trials])
     print("stage 2: KD trials", flush=True)
     kd_trials = trials("kd", setting["trials"])
     kd_results = runner.run_all([runner.spec("kd", hp) for hp in kd_trials])
-    best_ce = ce_trials[min(range(len(ce_trials)), key=lambda i: ce_results[i]["tune_ppl"][str(S)])]
-    best_kd = kd_trials[min(range(len(kd_trials)), key=lambda i: kd_results[i]["tune_ppl"][str(S)])]
+    best_ce, best_kd = _best(ce_trials, ce_results, S), _best(kd_trials, kd_results, S)
     print("stage 3: MatTA trials (from KD's best learning rate, gamma, tau_T)", flush=True)
     matta_trials = trials("matta", setting["trials"], base=best_kd)
     matta_results = runner.run_all([runner.spec("matta", hp) for hp in matta_trials])
-    best_matta = matta_trials[min(range(len(matta_trials)), key=lambda i: matta_results[i]["tune_ppl"][str(S)])]
-    ta_width = S * best_matta["ta_ratio"]
-    L = setting["n_layer"]
+    best_matta = _best(matta_trials, matta_results, S)
 
-    print("stage 4: Shampoo's learning rate (AdamW's tuned one x 1 and x 2, seed 0)", flush=True)
+    print("stage 4: Shampoo's learning rate (the AdamW arm's x 1 and x 2, seed 0)", flush=True)
     shampoo_hp, shampoo_trials = {}, []
     for kind, best in (("kd", best_kd), ("matta", best_matta)):
         candidates = [{**best, "learning_rate": best["learning_rate"] * m} for m in SHAMPOO_LR_MULTIPLIERS]
         trial_results = runner.run_all([runner.spec(kind, hp, 0, "shampoo") for hp in candidates])
         shampoo_trials += trial_results
-        shampoo_hp[kind] = candidates[min(range(len(candidates)), key=lambda i: trial_results[i]["tune_ppl"][str(S)])]
-    print("stage 5: seeds, Shampoo, no-sharing ablation, Mix'n'Match baselines, budgets", flush=True)
+        shampoo_hp[kind] = _best(candidates, trial_results, S)
+
+    print("stage 5: seeds of CE, KD at every size, MatTA (+ Mix'n'Match), KD at MatTA's FLOPs, Shampoo", flush=True)
+    flop_steps = round(
+        setting["steps"] * step_flops(setting, "matta", best_matta, setting["steps"])
+        / step_flops(setting, "kd", best_kd, setting["steps"])
+    )  # fmt: skip
     groups = {
         "ce": [runner.spec("ce", best_ce, seed) for seed in seeds],
-        "kd": [runner.spec("kd", best_kd, seed) for seed in seeds],
-        "matta": [runner.spec("matta", best_matta, seed, mix_n_match=seed == 0) for seed in seeds],
-        "ta_alone": [runner.spec("ce", best_ce, seed, width=ta_width) for seed in seeds],
+        "matta": [runner.spec("matta", best_matta, seed, mix_n_match=True) for seed in seeds],
+        **{f"kd_{w}": [runner.spec("kd", best_kd, seed, widths=[w]) for seed in seeds] for w in sizes},
+        "kd_flops": [runner.spec("kd", best_kd, seed, steps=flop_steps) for seed in seeds],
         "kd_shampoo": [runner.spec("kd", shampoo_hp["kd"], seed, "shampoo") for seed in seeds],
         "matta_shampoo": [runner.spec("matta", shampoo_hp["matta"], seed, "shampoo") for seed in seeds],
-        "separate_ta": [runner.spec("separate_ta", best_matta, seed) for seed in seeds],
-        "mnm_kd": [
-            runner.spec("kd", best_kd, seed, width=S + k * (ta_width - S) // L)
-            for k in range(1, L + 1)
-            for seed in range(setting["mnm_seeds"])
-        ],
-        "matta_all_widths": [
-            runner.spec(
-                "matta", {**best_matta, "extra_widths": "all"}, 0, mix_n_match="uniform",
-                widths=[S + k * (ta_width - S) // L for k in range(L + 1)],
-            )
-        ],  # fmt: skip
-        "budget": [
-            runner.spec(kind, hp, 0, steps=setting["steps"] * m)
-            for m in setting["budget_multipliers"]
-            for kind, hp in (("kd", best_kd), ("matta", best_matta))
-        ],
     }
+    if setting["sharing_ablation"]:
+        groups["separate_ta"] = [runner.spec("separate_ta", best_matta, seed) for seed in seeds]
     flat = [run for runs in groups.values() for run in runs]
     results_flat = runner.run_all(flat)
     by_key = {run["key"]: result for run, result in zip(flat, results_flat)}
     results = {name: [by_key[run["key"]] for run in runs] for name, runs in groups.items()}
     runner.pool.shutdown()
     elapsed = time.perf_counter() - started
-    every_result = [teacher_result, *ce_results, *kd_results, *matta_results, *shampoo_trials, *results_flat]
+    every_result = [*base_results, *ce_results, *kd_results, *matta_results, *shampoo_trials, *results_flat]
     run_minutes = sum(result["seconds"] for result in every_result) / 60
 
-    report = Report(setting, args, blocks, teacher_result, elapsed, run_minutes)
+    report = Report(setting, args, blocks, documents, base_results, elapsed, run_minutes)
     report.tuning("CE alone", ce_trials, ce_results, S, best_ce)
     report.tuning("KD", kd_trials, kd_results, S, best_kd)
     report.tuning("MatTA", matta_trials, matta_results, S, best_matta)
-    report.main_table(results, S, ta_width)
+    report.main_table(results, S, A, flop_steps)
+    report.diagnostics(results["matta"], matta_trials, matta_results)
+    report.mix_n_match(results, sizes, plot)
     report.two_by_two(results, S, shampoo_hp)
-    report.sharing(results, S, ta_width)
-    report.mix_n_match(results, groups["mnm_kd"], S, ta_width, args.plot)
-    report.budgets(groups["budget"], results["budget"], results, S)
+    if setting["sharing_ablation"]:
+        report.sharing(results, S, A)
     report.claims()
     write_section(args.out, f"quality --setting {args.setting}", report.text())
     print(report.text())
     print(f"written to {args.out} ({elapsed / 60:.1f} min)")
 
 
-def provenance(script: str, seconds: float, parallelism: str) -> list[str]:
-    """Markdown lines: when, at which commit, on what machine, with which exact command a result was made."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", script, "src"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return [
-        f"Written by `{script}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC in {seconds / 60:.1f} min; "
-        "do not edit by hand. Command:",
-        "",
-        f"    .venv/bin/python {script} {' '.join(sys.argv[1:])}".rstrip(),
-        "",
-        f"- Commit {commit.stdout.strip()}{' with uncommitted changes to the script or src/' if dirty else ''}; "
-        f"torch {torch.__version__}; {os.cpu_count()} CPU cores ({cpu}), {platform.platform()}; {parallelism}; "
-        f"load average at the end {os.getloadavg()[0]:.1f}.",
-    ]
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def write_section(path: Path, name: str, text: str) -> None:
-    """Put `text` into the markdown file `path` between markers named `name`, replacing that section if present
-    and leaving the rest of the file (other sections, prose) as it is."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    current = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-    if begin in current and end in current:
-        head, rest = current.split(begin, 1)
-        current = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        current = current.rstrip("\n") + "\n\n" + block
-    path.write_text(current)
+def _ppl(results: list[dict], width: int) -> list[float]:
+    return [result["test_ppl"][str(width)] for result in results]
+
+
+def _log_interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """The curve through (xs, ys) at x, linear in (x, log y) between neighbours."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            t = (x - x0) / (x1 - x0) if x1 > x0 else 0.0
+            return math.exp((1 - t) * math.log(y0) + t * math.log(y1))
+    raise ValueError(f"{x} is outside [{xs[0]}, {xs[-1]}]")
 
 
 class Report:
     """The markdown report, section by section; `claims()` states which of the paper's claims held."""
 
-    def __init__(self, setting, args, blocks, teacher_result, elapsed, run_minutes):
+    def __init__(self, setting, args, blocks, documents, base_results, elapsed, run_minutes):
         self.setting, self.lines, self.verdicts = setting, [], []
-        tokens = setting["steps"] * setting["batch"] * setting["block"]
         s = setting
+        tokens = s["steps"] * s["batch"] * s["block"]
+        train_split = "resume" if s["grow"] else "train"
+        teacher = base_results[0]
+        teacher_ppl = next(iter(teacher["test_ppl"].values()))
         self.lines += [
             f"## Quality: `quality.py --setting {args.setting}`",
             "",
             *provenance("benchmarks/quality.py", elapsed, f"{args.jobs} jobs x {args.threads} thread(s)"),
-            f"- Training runs: {run_minutes:.1f} "
-            f"process-minutes in all, about {run_minutes / args.jobs:.1f} min of wall time on {args.jobs} workers from "
-            "an empty cache (runs found in the cache are not run again, so a resumed invocation is shorter).",
-            f"- Corpus: `pydoc_data.topics` (Python {platform.python_version()}), ByteLevel BPE of {s['vocab']} "
-            f"tokens, blocks of {s['block']}: {len(blocks['train'])} training blocks "
-            f"({blocks['train'].numel():,} tokens), {len(blocks['tune'])} tune and {len(blocks['test'])} test blocks "
-            f"({VALIDATION_PERCENT} % of the documents held out). Every perplexity below is on the test blocks.",
-            f"- Student: {s['n_layer']} layers x {s['n_embd']}, {s['n_head']} heads, FFN {s['student_ffn']}. "
-            f"Teacher: GPT-2 {s['teacher']}, {teacher_result['params']['teacher'] / 1e6:.2f} M parameters, "
-            f"pre-trained for {s['teacher_steps']} steps: test ppl {teacher_result['test_ppl']['teacher']:.2f}.",
+            f"- Training runs: {run_minutes:.1f} process-minutes in all (about {run_minutes / args.jobs:.1f} min of "
+            f"wall time on {args.jobs} workers from an empty cache; cached runs are not run again).",
+            f"- Corpus: `{s['corpus']}`, ByteLevel BPE of {s['vocab']} tokens, blocks of {s['block']}; documents: "
+            + ", ".join(f"{split} {count}" for split, count in documents.items())
+            + "; blocks: " + ", ".join(f"{split} {len(ids):,}" for split, ids in blocks.items())
+            + f". Tune and test are disjoint sets of documents; every perplexity below is on the first {TEST_BLOCKS} "
+            f"test blocks ({min(TEST_BLOCKS, len(blocks['test'])) * s['block']:,} tokens).",
+            f"- Student: {s['n_layer']} layers x {s['n_embd']}, {s['n_head']} heads, FFN {s['student_ffn']}; TA: FFN "
+            f"{s['ta_ffn']}; Mix'n'Match ladder {ladder(s)}. Teacher: GPT-2 {s['teacher']}, trained for "
+            f"{s['teacher_steps']} steps: test ppl {teacher_ppl:.2f}.",
+        ]
+        if s["grow"]:
+            student_ppl = next(iter(base_results[1]["test_ppl"].values()))
+            self.lines.append(
+                f"- Pre-trained student: CE for {s['pretrain_steps']} steps on the pre-training documents "
+                f"({s['pretrain_steps'] * s['batch'] * s['block'] / len(blocks['pretrain']) / s['block']:.1f} "
+                f"epochs): test ppl {student_ppl:.2f}. Every arm starts from it (grown into wider models with "
+                "`from_gpt2`) and continues on the continuation documents."
+            )
+        self.lines += [
             f"- Budget per run: {s['steps']} steps x {s['batch']} x {s['block']} = {tokens:,} tokens "
-            f"({tokens / blocks['train'].numel():.1f} epochs); AdamW (weight decay 0.1) unless marked Shampoo; "
-            f"{s['trials']} tuning trials per arm; {s['seeds']} seeds (mean ± std).",
+            f"({tokens / blocks[train_split].numel():.2f} epochs of the {train_split} split); AdamW (weight decay "
+            f"0.1) unless marked Shampoo; {s['trials']} tuning trials per arm; {s['seeds']} seeds (mean ± std).",
             "",
         ]
 
@@ -526,18 +567,24 @@ class Report:
             self.lines.append(f"| {row} | {result['tune_ppl'][str(width)]:.2f} | {mark} |")
         self.lines.append("")
 
-    def main_table(self, results, S, ta_width):
+    def main_table(self, results, S, A, flop_steps):
         from hf_matta.widths import count_parameters
 
-        self.results, self.S, self.ta_width = results, S, ta_width
+        self.results = results
         rows = [
-            ("Student alone (CE)", S, [_student(r, S) for r in results["ce"]]),
-            ("KD student", S, [_student(r, S) for r in results["kd"]]),
-            ("MatTA student", S, [_student(r, S) for r in results["matta"]]),
-            ("MatTA TA", ta_width, [_student(r, ta_width) for r in results["matta"]]),
-            ("TA-size model alone (CE)", ta_width, [_student(r, ta_width) for r in results["ta_alone"]]),
+            ("Student alone (CE)", S, _ppl(results["ce"], S)),
+            ("KD student", S, _ppl(results[f"kd_{S}"], S)),
+            (f"KD student at MatTA's FLOPs ({flop_steps} steps)", S, _ppl(results["kd_flops"], S)),
+            ("MatTA student", S, _ppl(results["matta"], S)),
+            ("MatTA TA", A, _ppl(results["matta"], A)),
+            ("KD alone at the TA's size", A, _ppl(results[f"kd_{A}"], A)),
         ]
-        self.lines += ["### Main comparison (AdamW)", "", "| model | FFN | params | test ppl | per seed |", "|---|---|---|---|---|"]
+        self.lines += [
+            "### Main comparison (AdamW)",
+            "",
+            "| model | FFN | params | test ppl | per seed |",
+            "|---|---|---|---|---|",
+        ]
         for name, width, values in rows:
             params = count_parameters(_model_config(self.setting, [width]), width)
             self.lines.append(
@@ -545,17 +592,93 @@ class Report:
                 f"{', '.join(f'{v:.2f}' for v in values)} |"
             )
         self.lines.append("")
-        ce, kd, matta = rows[0][2], rows[1][2], rows[2][2]
-        self._verdict("MatTA student better than the KD student", kd, matta)
+        ce, kd, kd_flops, student, ta, kd_ta = (values for _, _, values in rows)
+        self._margin("TA at least 5 % below its student", student, ta, 0.05)
+        self._margin("TA within 3 % of KD alone at the TA's size", kd_ta, ta, -0.03)
+        self._margin("MatTA student at least 10 % below the KD student at equal tokens", kd, student, 0.10)
+        self._verdict("MatTA student better than the KD student at equal FLOPs", kd_flops, student)
         self._verdict("KD student better than the student alone", ce, kd)
-        self._verdict("MatTA TA as good as the TA-size model trained alone", rows[4][2], rows[3][2])
+
+    def diagnostics(self, matta, settings, trial_results):
+        """Whether the TA teaches: KL(TA || student) and the TA-only neurons' FFN output against the student's."""
+        layers = range(self.setting["n_layer"])
+        self.lines += [
+            "### Is the TA teaching? Collapse diagnostics on the test split",
+            "",
+            "KL(TA || student) in nats per token; per layer, three measures of the TA-only neurons' FFN output "
+            "against the student neurons' (`hf_matta.diagnostics`): the mean per-token cosine (near 1: parallel), "
+            "the pooled cosine once each part's mean over tokens is removed (near 1: the token-dependent parts are "
+            "parallel too, the TA-only neurons are redundant), and the ratio of their norms (near 0: they add "
+            "nothing).",
+            "",
+            "| run | KL(TA \\|\\| student) | "
+            + " | ".join(f"layer {i}: cos / centred cos / norm ratio" for i in layers)
+            + " |",
+            "|" + "---|" * (len(layers) + 2),
+        ]
+        rows = [(f"tuned MatTA, seed {index}", result) for index, result in enumerate(matta)]
+        rows += [
+            ("trial: " + ", ".join(f"{k}={hp[k]}" for k in DEFAULTS["matta"]), result)
+            for hp, result in zip(settings, trial_results)
+        ]
+        for label, result in rows:
+            found = result["diagnostics"]
+            cells = [
+                f"{found[f'ffn_cos_l{i}']:.2f} / {found[f'ffn_centered_cos_l{i}']:.2f} / "
+                f"{found[f'ffn_norm_ratio_l{i}']:.2f}"
+                for i in layers
+            ]
+            self.lines.append(f"| {label} | {found['kl_ta_student']:.4f} | " + " | ".join(cells) + " |")
+        self.lines.append("")
+
+    def mix_n_match(self, results, sizes, plot_path):
+        """Every family of every MatTA seed against KD alone at the ladder sizes (3 seeds)."""
+        from hf_matta.widths import count_parameters
+
+        params = [count_parameters(_model_config(self.setting, [w]), w) for w in sizes]
+        kd = [statistics.mean(_ppl(results[f"kd_{w}"], w)) for w in sizes]
+        families = results["matta"][0]["mix_n_match"]
+        self.lines += [
+            "### Mix'n'Match: extracted MatTA students against KD alone at the same sizes",
+            "",
+            "Uniform plans put every layer at one ladder width; block plans widen a centred block of k layers to the "
+            "TA's width, the others at the student's (the same parameter counts as the ladder); `reordered`: the "
+            "TA-only neurons sorted by importance on 64 tune blocks (student and TA unchanged); `search`: the greedy "
+            "path on the tune split. Mean ± std over the MatTA seeds; KD alone: mean ± std over its seeds.",
+            "",
+            "| params | KD alone | " + " | ".join(families) + " |",
+            "|---|---|" + "---|" * len(families),
+        ]
+        for index, width in enumerate(sizes):
+            cells = []
+            for family in families:
+                values = [
+                    point["ppl"] for result in results["matta"] for point in result["mix_n_match"][family]
+                    if point["params"] == params[index]
+                ]  # fmt: skip
+                cells.append(_mean_std(values) if values else "-")
+            kd_cell = _mean_std(_ppl(results[f"kd_{width}"], width))
+            self.lines.append(f"| {params[index] / 1e6:.3f} M | {kd_cell} | " + " | ".join(cells) + " |")
+        self.lines += ["", f"![Mix'n'Match curve]({plot_path.name})", ""]
+        for family in families:
+            below, monotone = [], []
+            for result in results["matta"]:
+                points = sorted(result["mix_n_match"][family], key=lambda point: point["params"])
+                below.append(all(p["ppl"] <= _log_interpolate(p["params"], params, kd) for p in points))
+                monotone.append(all(b["ppl"] < a["ppl"] for a, b in zip(points, points[1:])))
+            self.verdicts.append(
+                f"- Mix'n'Match `{family}`: at or below the KD-alone curve at every size in {sum(below)} of "
+                f"{len(below)} seeds; monotone (more parameters, lower perplexity) in {sum(monotone)} of "
+                f"{len(monotone)} seeds."
+            )
+        _plot(results, sizes, params, kd, self.setting, plot_path)
 
     def two_by_two(self, results, S, shampoo_hp):
         cells = {
-            ("KD", "AdamW"): [_student(r, S) for r in results["kd"]],
-            ("KD", "Shampoo"): [_student(r, S) for r in results["kd_shampoo"]],
-            ("MatTA", "AdamW"): [_student(r, S) for r in results["matta"]],
-            ("MatTA", "Shampoo"): [_student(r, S) for r in results["matta_shampoo"]],
+            ("KD", "AdamW"): _ppl(results[f"kd_{S}"], S),
+            ("KD", "Shampoo"): _ppl(results["kd_shampoo"], S),
+            ("MatTA", "AdamW"): _ppl(results["matta"], S),
+            ("MatTA", "Shampoo"): _ppl(results["matta_shampoo"], S),
         }
         base = statistics.mean(math.log(v) for v in cells[("KD", "AdamW")])
         gain = {key: base - statistics.mean(math.log(v) for v in values) for key, values in cells.items()}
@@ -568,12 +691,13 @@ class Report:
             f"| MatTA | {_mean_std(cells[('MatTA', 'AdamW')])} | {_mean_std(cells[('MatTA', 'Shampoo')])} |",
             "",
             f"Shampoo (blocks of {self.setting['shampoo_block']}, preconditioner every 10 steps from step 10, Adam "
-            f"grafting) learning rates, the better of AdamW's x {SHAMPOO_LR_MULTIPLIERS} on seed 0: KD "
+            f"grafting) learning rates, the better of the AdamW arm's x {SHAMPOO_LR_MULTIPLIERS} on seed 0: KD "
             f"{shampoo_hp['kd']['learning_rate']:g}, MatTA {shampoo_hp['matta']['learning_rate']:g}.",
             "",
             "Gains over KD + AdamW in mean log-perplexity (nats; positive is better): MatTA alone "
             f"{gain[('MatTA', 'AdamW')]:+.4f}, Shampoo alone {gain[('KD', 'Shampoo')]:+.4f}, both "
-            f"{gain[('MatTA', 'Shampoo')]:+.4f}, against a sum of {gain[('MatTA', 'AdamW')] + gain[('KD', 'Shampoo')]:+.4f}.",
+            f"{gain[('MatTA', 'Shampoo')]:+.4f}, against a sum of "
+            f"{gain[('MatTA', 'AdamW')] + gain[('KD', 'Shampoo')]:+.4f}.",
             "",
         ]
         both, added = gain[("MatTA", "Shampoo")], gain[("MatTA", "AdamW")] + gain[("KD", "Shampoo")]
@@ -584,82 +708,41 @@ class Report:
         )
         self._verdict("Shampoo better than AdamW for MatTA", cells[("MatTA", "AdamW")], cells[("MatTA", "Shampoo")])
 
-    def sharing(self, results, S, ta_width):
+    def sharing(self, results, S, A):
         nested, separate = results["matta"], results["separate_ta"]
         self.lines += [
             "### Parameter sharing: nested TA vs a separate TA trained online with the same loss",
             "",
             "| TA | student test ppl | TA test ppl |",
             "|---|---|---|",
-            f"| nested (shares all but FFN neurons {S}..{ta_width}) | {_mean_std([_student(r, S) for r in nested])} | "
-            f"{_mean_std([_student(r, ta_width) for r in nested])} |",
-            f"| separate (shares nothing) | {_mean_std([_student(r, S) for r in separate])} | "
-            f"{_mean_std([_student(r, ta_width) for r in separate])} |",
+            f"| nested (shares all but FFN neurons {S}..{A}) | {_mean_std(_ppl(nested, S))} | "
+            f"{_mean_std(_ppl(nested, A))} |",
+            f"| separate (shares nothing) | {_mean_std(_ppl(separate, S))} | {_mean_std(_ppl(separate, A))} |",
             "",
         ]
-        self._verdict(
-            "nesting (sharing) gives a better student than a separate TA",
-            [_student(r, S) for r in separate],
-            [_student(r, S) for r in nested],
-        )
+        claim = "nesting (sharing) gives a better student than a separate TA"
+        self._verdict(claim, _ppl(separate, S), _ppl(nested, S))
 
-    def mix_n_match(self, results, mnm_runs, S, ta_width, plot_path):
-        points = results["matta"][0]["mix_n_match"]
-        all_widths = {p["widths"][0]: p for p in results["matta_all_widths"][0]["mix_n_match"]}
-        alone: dict[int, list[float]] = {}
-        for run, result in zip(mnm_runs, results["mnm_kd"]):
-            alone.setdefault(run["widths"][0], []).append(_student(result, run["widths"][0]))
-        alone[S] = [_student(r, S) for r in results["kd"]]
-        L = self.setting["n_layer"]
-        self.lines += [
-            "### Mix'n'Match: extracted MatTA students vs same-size models trained alone with KD",
-            "",
-            "Plan k widens a centred block of k layers to the TA's FFN; a uniform FFN width of "
-            f"{S} + k x ({ta_width} - {S}) / {L} has exactly its parameter count. MatTA: seed 0; KD alone: "
-            f"{self.setting['mnm_seeds']} seed(s) (the student size: the KD arm's seeds). The last column is a second "
-            "MatTA model (seed 0, same tuned settings) whose granularities are all the uniform widths, every one trained "
-            "each step as a student of the TA (`extra_widths='all'`), extracted at that uniform width.",
-            "",
-            "| plan (FFN per layer) | params | MatTA extracted ppl | uniform FFN | KD alone ppl | MatTA, all widths "
-            "trained |",
-            "|---|---|---|---|---|---|",
-        ]
-        wins = wins_all = 0
-        for k, point in enumerate(points):
-            width = S + k * (ta_width - S) // L
-            kd = alone.get(width)
-            kd_text = _mean_std(kd) if kd else "-"
-            wins += bool(kd) and point["ppl"] < statistics.mean(kd)
-            trained = all_widths[width]["ppl"]
-            wins_all += bool(kd) and trained < statistics.mean(kd)
-            self.lines.append(
-                f"| {'/'.join(map(str, point['widths']))} | {point['params'] / 1e6:.3f} M | {point['ppl']:.2f} | "
-                f"{width} | {kd_text} | {trained:.2f} |"
-            )
-        self.lines += ["", f"![Mix'n'Match curve]({plot_path.name})", ""]
+    @staticmethod
+    def _difference(baseline: list[float], method: list[float]) -> tuple[float, float]:
+        """Mean relative perplexity reduction of `method` against `baseline`, and its standard error."""
+        reduction = 1 - statistics.mean(method) / statistics.mean(baseline)
+        variance = sum(
+            statistics.variance(values) / len(values) / statistics.mean(values) ** 2
+            for values in (baseline, method)
+            if len(values) > 1
+        )
+        return reduction, (1 - reduction) * math.sqrt(variance)
+
+    def _margin(self, claim: str, baseline: list[float], method: list[float], margin: float) -> None:
+        """A claim on the relative reduction (1 - method / baseline): met when it is at least `margin` (a negative
+        margin: no worse than that), stated with twice its standard error."""
+        reduction, se = self._difference(baseline, method)
+        word = "held" if reduction >= margin else "not held"
         self.verdicts.append(
-            f"- Extracted MatTA students beat same-size KD models: at {wins} of {len(points)} sizes with two trained "
-            f"granularities (block plans), at {wins_all} of {len(points)} with every width trained (seed 0 vs KD's "
-            "seed mean)."
+            f"- {claim}: {word} (ppl {statistics.mean(method):.2f} vs {statistics.mean(baseline):.2f}: "
+            f"{100 * reduction:+.1f} % lower, 2 x standard error {200 * se:.1f} points; goal {100 * margin:+.0f} %)."
         )
-        _plot(points, list(all_widths.values()), alone, results, S, self.setting, plot_path)
-
-    def budgets(self, runs, budget_results, results, S):
-        self.lines += [
-            "### Longer budgets (tuned settings, seed 0)",
-            "",
-            "| steps | KD student ppl | MatTA student ppl | MatTA TA ppl |",
-            "|---|---|---|---|",
-            f"| {self.setting['steps']} | {_student(results['kd'][0], S):.2f} | "
-            f"{_student(results['matta'][0], S):.2f} | {_student(results['matta'][0], self.ta_width):.2f} |",
-        ]
-        for i in range(0, len(runs), 2):
-            kd, matta = budget_results[i], budget_results[i + 1]
-            self.lines.append(
-                f"| {runs[i]['steps']} | {_student(kd, S):.2f} | {_student(matta, S):.2f} | "
-                f"{_student(matta, self.ta_width):.2f} |"
-            )
-        self.lines.append("")
 
     def _verdict(self, claim: str, baseline: list[float], method: list[float]) -> None:
         """Held / not held / within noise: the difference of means against twice its standard error."""
@@ -671,8 +754,10 @@ class Report:
             word = "within noise"
         else:
             word = "held" if diff > 0 else "not held (the opposite holds)"
-        self.verdicts.append(f"- {claim}: {word} (ppl {statistics.mean(method):.2f} vs {statistics.mean(baseline):.2f}, "
-                             f"difference {diff:+.2f}, 2 x standard error {2 * se:.2f}).")  # fmt: skip
+        self.verdicts.append(
+            f"- {claim}: {word} (ppl {statistics.mean(method):.2f} vs {statistics.mean(baseline):.2f}, difference "
+            f"{diff:+.2f}, 2 x standard error {2 * se:.2f})."
+        )
 
     def claims(self):
         self.lines += ["### Claims, decided from the tables above", "", *self.verdicts, ""]
@@ -681,32 +766,26 @@ class Report:
         return "\n".join(self.lines)
 
 
-def _plot(points, all_widths, alone, results, S, setting, path: Path) -> None:
-    """Perplexity against parameters: the extracted MatTA family, the same sizes trained alone with KD."""
+def _plot(results, sizes, params, kd, setting, path: Path) -> None:
+    """Perplexity against parameters: the extracted MatTA families (seed 0) and KD alone at the ladder sizes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hf_matta.widths import count_parameters
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
-    ax.plot([p["params"] / 1e6 for p in points], [p["ppl"] for p in points], "o-", label="MatTA, block plans (seed 0)")
-    ax.plot([p["params"] / 1e6 for p in all_widths], [p["ppl"] for p in all_widths], "D-",
-            label="MatTA, all widths trained (seed 0)")  # fmt: skip
-    sizes = sorted(alone)
-    ax.errorbar(
-        [count_parameters(_model_config(setting, [w]), w) / 1e6 for w in sizes],
-        [statistics.mean(alone[w]) for w in sizes],
-        yerr=[statistics.stdev(alone[w]) if len(alone[w]) > 1 else 0 for w in sizes],
-        fmt="s--", label="trained alone with KD",
-    )  # fmt: skip
-    ce = [_student(r, S) for r in results["ce"]]
-    ax.plot([points[0]["params"] / 1e6], [statistics.mean(ce)], "^", label="student alone (CE)")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=90)
+    kd_std = [statistics.stdev(_ppl(results[f"kd_{w}"], w)) if len(results[f"kd_{w}"]) > 1 else 0 for w in sizes]
+    ax.errorbar([p / 1e6 for p in params], kd, yerr=kd_std, fmt="s--", color="black", label="KD alone (seed mean)")
+    for family, points in results["matta"][0]["mix_n_match"].items():
+        points = sorted(points, key=lambda point: point["params"])
+        sizes_m, ppls = [p["params"] / 1e6 for p in points], [p["ppl"] for p in points]
+        ax.plot(sizes_m, ppls, "o-", label=f"MatTA {family} (seed 0)")
+    ce = statistics.mean(_ppl(results["ce"], sizes[0]))
+    ax.plot([params[0] / 1e6], [ce], "^", color="red", label="student alone (CE)")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("test perplexity")
-    ax.set_title("Mix'n'Match: extracted students vs trained alone")
-    ax.legend()
+    ax.set_title(f"Mix'n'Match ({setting['corpus']}): extracted students vs trained alone")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -25,11 +25,27 @@ def test_split_sums_match_the_closed_form():
     student = torch.tensor([[1.0, 2.0], [0.5, 0.0]])  # h[:, :2] @ W[:2]
     extra = torch.tensor([[3.0 + 8.0, 3.0 - 4.0], [-2.0, 1.0]])  # h[:, 2:] @ W[2:]
     cosine = F.cosine_similarity(student, extra, dim=-1).sum()
-    expected = torch.stack([cosine, extra.pow(2).sum(), student.pow(2).sum(), torch.tensor(2.0)])
-    torch.testing.assert_close(sums, expected)
+    scalars = [cosine, extra.pow(2).sum(), student.pow(2).sum(), torch.tensor(2.0), (student * extra).sum()]
+    torch.testing.assert_close(sums, torch.cat([torch.stack(scalars), student.sum(0), extra.sum(0)]))
     metrics = ffn_split_metrics(torch.stack([sums, sums]))
     assert metrics["ffn_cos_l1"] == pytest.approx(cosine.item() / 2)
     assert metrics["ffn_norm_ratio"] == pytest.approx(math.sqrt(extra.pow(2).sum() / student.pow(2).sum()))
+    centered_student, centered_extra = student - student.mean(0), extra - extra.mean(0)
+    pooled = (centered_student * centered_extra).sum() / (centered_student.norm() * centered_extra.norm())
+    assert metrics["ffn_centered_cos_l0"] == pytest.approx(pooled.item())
+
+
+def test_a_shared_offset_is_parallel_but_not_aligned_once_centered():
+    """Two parts whose token-dependent halves are orthogonal but which share a large constant offset."""
+    tokens = torch.randn(256, 2)
+    offset = torch.tensor([10.0, 0.0, 0.0])
+    student = torch.cat([tokens[:, :1], torch.zeros(256, 2)], dim=1) + offset  # (N, d=3)
+    extra = torch.cat([torch.zeros(256, 2), tokens[:, 1:]], dim=1) + offset
+    hidden = torch.cat([student, extra], dim=1)  # (N, W=6): the identity c_proj below gives back the parts
+    weight = torch.cat([torch.eye(3), torch.eye(3)])  # (6, 3)
+    metrics = ffn_split_metrics(ffn_split_sums(hidden, weight, split=3)[None])
+    assert metrics["ffn_cos"] > 0.95
+    assert abs(metrics["ffn_centered_cos"]) < 0.05
 
 
 def _model(kind: str) -> MatGPT2LMHeadModel:
@@ -66,6 +82,8 @@ def test_evaluation_tells_a_collapsed_ta_from_an_independent_one(tmp_path):
     layers = range(tiny_kwargs()["n_layer"])
     for layer_idx in layers:
         assert collapsed[f"eval_ffn_cos_l{layer_idx}"] == pytest.approx(1.0, abs=1e-5)
+        assert collapsed[f"eval_ffn_centered_cos_l{layer_idx}"] == pytest.approx(1.0, abs=1e-5)
+        assert abs(independent[f"eval_ffn_centered_cos_l{layer_idx}"]) < 0.3
         assert collapsed[f"eval_ffn_norm_ratio_l{layer_idx}"] == pytest.approx(0.9, rel=1e-4)
         assert abs(independent[f"eval_ffn_cos_l{layer_idx}"]) < 0.3
         assert independent[f"eval_ffn_norm_ratio_l{layer_idx}"] > 0.5
