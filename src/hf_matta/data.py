@@ -71,6 +71,8 @@ class DataArguments:
     Exactly one source: `dataset_name` (a Hub dataset), `train_file` (local text or JSON lines) or `builtin_corpus`.
     """
 
+    _argument_group_name = "data"  # its section of `--help` (HfArgumentParser)
+
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub dataset id, e.g. `HuggingFaceFW/fineweb-edu` (loaded with `datasets`)."}
     )
