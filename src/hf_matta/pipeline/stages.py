@@ -108,10 +108,6 @@ class Run:
             )
         return torch.tensor([row["input_ids"] for row in blocks["validation"]], dtype=torch.long)
 
-    def path(self, relative: str | None) -> Path | None:
-        """A path recorded relative to the output folder, made usable."""
-        return None if relative is None else self.output_dir / relative
-
 
 # --- building models from config strings -------------------------------------------------------------------------
 
