@@ -393,6 +393,18 @@ BAD_INPUTS = {
         lambda tmp, folders: ["hf-matta-tests/no-such-model", "--tasks", "lambada_heldout"],
         ["'hf-matta-tests/no-such-model' is not a local folder", "HF_HUB_OFFLINE=1"],
     ),
+    "dtype that is not a float": (
+        lambda tmp, folders: [folders["ffn32"], "--dtype", "int8", "--tasks", "lambada_heldout"],
+        ["dtype 'int8' is not a floating torch dtype; use auto, float32, bfloat16 or float16"],
+    ),
+    "batch size that is not one": (
+        lambda tmp, folders: [folders["ffn32"], "--batch-size", "some", "--tasks", "lambada_heldout"],
+        ["batch_size 'some' must be a positive int, or 'auto'"],
+    ),
+    "limit of zero": (
+        lambda tmp, folders: [folders["ffn32"], "--limit", "0", "--tasks", "lambada_heldout"],
+        ["limit=0.0 must be a whole number of documents, or a fraction between 0 and 1"],
+    ),
     "plan without a nested model": (
         lambda tmp, folders: [folders["ffn32"], "--plan", "32", "--tasks", "lambada_heldout"],
         ["are widths of a nested model"],

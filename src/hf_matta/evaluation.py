@@ -580,8 +580,11 @@ def evaluate_students(
     torch_dtype = _torch_dtype(dtype)
     device = _check_device(device)
     _check_batch_size(batch_size)
-    if limit is not None and not limit > 0:
-        raise ValueError(f"limit={limit} must be positive: a number of documents, or a fraction below 1.")
+    if limit is not None and not (0 < limit < 1 or limit == int(limit) >= 1):
+        raise ValueError(f"limit={limit} must be a whole number of documents, or a fraction between 0 and 1.")
+    limit = int(limit) if limit is not None and limit >= 1 else limit
+    if bootstrap_iters < 0:
+        raise ValueError(f"bootstrap_iters={bootstrap_iters} must be 0 (no bootstrap standard errors) or more.")
     if output_dir is not None:
         _check_output_dir(Path(output_dir), overwrite)
     candidates = _resolve_students(
