@@ -48,7 +48,6 @@ from .widths import Plan, check_plan, count_parameters, format_plan, plan_name, 
 
 try:
     import lm_eval
-    from lm_eval.api import metrics as lm_eval_metrics
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 except ImportError as error:  # the `eval` extra
@@ -68,7 +67,6 @@ DATA_FILES = {
     "lambada_openai": ("lambada_test.jsonl",),
     "agieval_sat_math": ("sat-math.lm-eval.jsonl", "sat-math.jsonl"),
 }
-ROLES = ("student", "ta", "member", "baseline")
 RESULTS_FILES = ("results.json", "results.md", "elastic_curve.png")
 # Task definitions ship with the repository, next to the package's source tree (an editable install).
 TASKS_DIR = Path(__file__).resolve().parents[2] / "evals" / "tasks"
