@@ -26,6 +26,7 @@ from hf_matta.evaluation import (
     last_word_passages,
     load_lambada_heldout,
     load_results,
+    primary_metric,
     relative_improvement,
     results_for_plan,
 )
@@ -304,6 +305,17 @@ def test_local_task_definitions_match_lm_evals_own(task):
             assert inspect.getsource(ours[key]) == inspect.getsource(builtin[key])
         else:
             assert ours[key] == builtin[key], key
+
+
+def test_the_curve_shows_accuracy_unless_it_tells_no_model_apart():
+    def results(*rows: dict) -> dict:
+        return {"students": [{"results": {"lambada_openai": row}} for row in rows]}
+
+    differ = results({"perplexity": 9.0, "acc": 0.1}, {"perplexity": 8.0, "acc": 0.2})
+    all_zero = results({"perplexity": 9.0, "acc": 0.0}, {"perplexity": 8.0, "acc": 0.0})
+    assert primary_metric(differ, "lambada_openai") == "acc"
+    assert primary_metric(all_zero, "lambada_openai") == "perplexity"
+    assert primary_metric(results({"perplexity": 9.0, "acc": 0.0}), "lambada_openai") == "acc"  # one model
 
 
 def test_relative_improvement_of_perplexity_is_paired():

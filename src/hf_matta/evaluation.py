@@ -935,9 +935,16 @@ def stderr_label(label: str) -> str:
 
 
 def primary_metric(results: Mapping[str, Any], task: str) -> str:
-    """The metric the elastic curve shows for `task`: `acc` when the task has it, else its first metric."""
-    labels = metric_labels(next(s["results"][task] for s in results["students"] if task in s["results"]))
-    return "acc" if "acc" in labels else labels[0]
+    """The metric the elastic curve shows for `task`: `acc` when the task has it, else its first metric; but when
+    every model has the same value of it (tiny models all at 0 on LAMBADA), the task's next metric, which may tell
+    them apart (perplexity)."""
+    scored = [student["results"][task] for student in results["students"] if task in student["results"]]
+    labels = metric_labels(scored[0])
+    ordered = ["acc", *(label for label in labels if label != "acc")] if "acc" in labels else labels
+    for label in ordered:
+        if len({values.get(label) for values in scored}) > 1:
+            return label
+    return ordered[0]
 
 
 def format_number(value: float | None) -> str:
