@@ -248,6 +248,8 @@ def test_run_completes_every_stage_with_a_record(tiny_run):
     for row in summary["widths"].values():
         assert row["end_ppl"] < row["start_ppl"]  # it trained
     assert summary["steps"] == 8 and summary["train_tokens"] == 8 * 4 * 32
+    assert summary["diagnostics"]["kl_ta_student"] >= 0 and "ffn_centered_cos_l1" in summary["diagnostics"]
+    assert "is the TA teaching? KL(TA || student)" in "\n".join(tiny_run["log"])
 
 
 def test_students_are_the_nested_model_at_their_plans(tiny_run, input_ids):
