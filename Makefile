@@ -8,7 +8,12 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch: installed before the package so that pip never resolves a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-slow lint clean
+# The oldest transformers each kind of saved model loads on (measured by `make test-conformance`, README "Conformance").
+OLDEST_TRANSFORMERS_4 ?= 4.26.1
+OLDEST_TRANSFORMERS ?= 5.24.0
+CONFORMANCE_DIR ?= .conformance
+
+.PHONY: install demo test test-slow test-conformance lint clean
 
 install: $(VENV)/.installed
 
@@ -29,5 +34,16 @@ test: install
 test-slow: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m slow
 
+# Not part of `make test`: downloads transformers' source distribution and older transformers from PyPI.
+test-conformance: install
+	$(BIN)/pip install -q parameterized
+	$(BIN)/python -m tests.conformance.prepare $(CONFORMANCE_DIR)
+	CONFORMANCE_DIR=$(CONFORMANCE_DIR) OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/conformance/common.py \
+		-p no:cacheprovider -o addopts=-q -o filterwarnings= -W ignore::pytest.PytestUnknownMarkWarning \
+		--junitxml=$(CONFORMANCE_DIR)/common.xml || true
+	$(BIN)/python -m tests.conformance.summary $(CONFORMANCE_DIR)/common.xml
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m tests.conformance.old_transformers $(CONFORMANCE_DIR) \
+		$(OLDEST_TRANSFORMERS_4) $(OLDEST_TRANSFORMERS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info $(CONFORMANCE_DIR)

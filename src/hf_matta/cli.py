@@ -120,6 +120,13 @@ def add_extract_command(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--budgets", type=_budgets_argument, help="Parameter budgets; one student per budget.")
     parser.add_argument("--out", type=Path, required=True, help="Folder to write the student folders into.")
     parser.add_argument("--overwrite", action="store_true", help="Replace student folders that already exist.")
+    parser.add_argument(
+        "--zero-pad",
+        action="store_true",
+        help="Write mixed plans as stock GPT2LMHeadModels, for engines that run no custom code: every FFN as wide "
+        "as the plan's widest layer, the extra neurons zero (identical logits); the extra parameters and FLOPs are "
+        "printed.",
+    )
     parser.set_defaults(run=run_extract)
 
 
@@ -343,7 +350,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from .extract import extract_student, mix_n_match, save_student, smallest_plan, validation_loss
     from .hub import read_lineage
     from .models.matgpt2 import MatGPT2LMHeadModel
-    from .widths import check_budgets, check_plan, count_parameters, format_plan, plan_name
+    from .widths import check_budgets, check_plan, count_flops_per_token, count_parameters, format_plan, plan_name
 
     config = _load_config(args.model_dir)
     if args.plan is not None:
@@ -363,13 +370,21 @@ def run_extract(args: argparse.Namespace) -> int:
         _check_out_dirs(args, plans)
     tokenizer, lineage = load_tokenizer(args.model_dir), read_lineage(args.model_dir)
     for widths in dict.fromkeys(plans):  # two budgets can share a plan: extract it once
-        student = extract_student(model, widths)
+        student = extract_student(model, widths, zero_pad=args.zero_pad)
         out_dir = save_student(student, args.out / plan_name(widths), tokenizer, args.overwrite, lineage)
         loading = "needs trust_remote_code=True" if isinstance(student, MatGPT2LMHeadModel) else "stock GPT-2"
         summary = (
             f"{out_dir}: {type(student).__name__} ({loading}), plan {format_plan(widths)}, "
             f"{count_parameters(config, widths):,} parameters"
         )
+        if args.zero_pad and len(set(widths)) > 1:
+            padded = [max(widths)] * config.n_layer
+            extra_params = count_parameters(config, padded) / count_parameters(config, widths) - 1
+            extra_flops = count_flops_per_token(config, padded) / count_flops_per_token(config, widths) - 1
+            summary += (
+                f", zero-padded to FFN {max(widths)}: {count_parameters(config, padded):,} stored parameters "
+                f"(+{extra_params:.1%}), +{extra_flops:.1%} FLOPs per token"
+            )
         if input_ids is not None:
             summary += f", val loss {validation_loss(model, input_ids, widths, args.batch_size):.4f}"
         print(summary)

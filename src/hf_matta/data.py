@@ -13,6 +13,7 @@ the same inputs reads the Arrow cache instead of tokenising again. Every input i
 the bad value, before any tokenisation or training starts.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -263,12 +264,40 @@ def load_or_train_tokenizer(
         )
     tokenizer = train_bpe_tokenizer((row[text_column] for row in corpus), vocab_size)
     with atomic_folder(path, replace=True) as tmp:
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     return tokenizer
 
 
+def save_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike, model_max_length: int | None = None
+) -> None:
+    """`tokenizer.save_pretrained(folder)` under the policy of every tokenizer hf_matta saves: one that loads without
+    remote code on transformers 4.x and 5.x and knows its model.
+
+    - a pad token: the eos token when it has none (GPT-2's convention; batching pipelines need one);
+    - `model_max_length`: the model's context (`n_positions`), when given;
+    - `tokenizer_config.json` names the class `PreTrainedTokenizerFast` where transformers 5 writes
+      `TokenizersBackend` (the same class under its 5.x name, unknown to 4.x), and holds none of the keys that record
+      how this machine loaded it (`is_local`, `local_files_only`), so the files do not depend on where they were
+      loaded from. The caller's tokenizer is left as it was.
+    """
+    tokenizer = copy.deepcopy(tokenizer)
+    for key in ("is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(key, None)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
+    tokenizer.save_pretrained(folder)
+    config_file = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE tokenizer trained on `texts`, with `<|endoftext|>` as bos, eos and unk."""
+    """A GPT-2-style byte-level BPE tokenizer trained on `texts`, with `<|endoftext|>` as bos, eos, unk and pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()  # 256 byte symbols: any text encodes, nothing is unknown
@@ -285,7 +314,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     )
     backend.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN
+        tokenizer_object=backend, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=EOS_TOKEN
     )
 
 
@@ -479,6 +508,7 @@ __all__ = [
     "load_heldout_blocks",
     "load_or_train_tokenizer",
     "load_tokenizer",
+    "save_tokenizer",
     "split_blocks",
     "tokenize_and_pack",
     "train_bpe_tokenizer",

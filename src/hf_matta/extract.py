@@ -2,21 +2,27 @@
 
 - `extract_student(model, plan)` copies exactly the plan's slices into a model of its own: a uniform plan gives a
   stock `GPT2LMHeadModel` (loads anywhere, no custom code), a mixed plan a fixed-width `MatGPT2LMHeadModel` whose
-  config lists one `n_inner` per layer (loads with `trust_remote_code=True` where hf_matta is not installed).
-- `save_student` writes it with safetensors, its generation config and the tokenizer.
+  config lists one `n_inner` per layer (loads with `trust_remote_code=True` where hf_matta is not installed), or with
+  `zero_pad=True` a stock `GPT2LMHeadModel` whose narrower FFNs are padded with zero neurons (for engines that run no
+  custom code). A PEFT model is merged first (on a copy).
+- `save_student` writes it with safetensors, its generation config and the tokenizer, ready to serve
+  (`set_serving_defaults`, `finish_saved_folder`: the policy every saved model and tokenizer of hf_matta follows).
 - `mix_n_match(model, strategy, budgets)` chooses plans from parameter budgets: `uniform`, `block` (pure arithmetic,
   see `hf_matta.widths`) or `search`, a greedy walk from the student to the TA measured on held-out tokens.
 """
 
 import copy
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from .data import save_tokenizer
 from .files import atomic_folder, is_empty_folder
 from .models.matgpt2 import MatGPT2Config, MatGPT2LMHeadModel, nested_ffn_parameters
 from .widths import (
@@ -37,7 +43,7 @@ LINEAGE_FILE = "matta_lineage.json"  # where a model or student folder keeps the
 # Config entries that describe the nested source model, not a student (the student's class sets its own type).
 _SOURCE_ONLY_CONFIG_KEYS = (
     "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "n_inner", "mat_widths",
-    "student_width", "dtype",
+    "student_width", "ffn_widths", "dtype",
 )  # fmt: skip
 
 
@@ -50,33 +56,47 @@ class PlanPoint:
     val_loss: float | None = None
 
 
-def extract_student(model: MatGPT2LMHeadModel, plan: Plan) -> GPT2LMHeadModel | MatGPT2LMHeadModel:
+def extract_student(
+    model: MatGPT2LMHeadModel | PeftModel, plan: Plan, zero_pad: bool = False
+) -> GPT2LMHeadModel | MatGPT2LMHeadModel:
     """The standalone model that runs `plan`: its logits equal `model(input_ids, ffn_widths=plan).logits`.
 
     Every FFN keeps the plan's prefix of neurons along the dimensions that `nested_ffn_parameters` names; all other
     parameters are copied whole. The copies share no memory with `model`, and `lm_head` stays tied to `wte`,
-    so `sum(p.numel())` equals `hf_matta.widths.count_parameters(model.config, plan)`.
+    so `sum(p.numel())` equals `hf_matta.widths.count_parameters(model.config, plan)` (without `zero_pad`).
 
     Args:
-        model: a trained nested model.
+        model: a trained nested model, or a PEFT model around one (LoRA or any adapter PEFT can merge): the adapter
+            is merged into a copy first, so the student equals the adapted model at `plan`.
         plan: one width for all layers, or one per layer; each must be a granularity of its layer (`mat_widths`) or
             the layer's full `n_inner`.
+        zero_pad: write a mixed plan as a stock `GPT2LMHeadModel` for engines that run no custom code: every FFN is
+            as wide as the plan's widest layer, the neurons beyond a layer's width zero (they add exactly nothing,
+            so the logits are equal), at the cost of the widest layer's FFN parameters and compute in every layer
+            (`hf_matta.widths.count_flops_per_token(config, [max(plan)] * n_layer)` against the plan's).
 
     Returns:
-        For a uniform plan, a stock `GPT2LMHeadModel` with `n_inner = w`. For a mixed plan, a `MatGPT2LMHeadModel`
+        For a uniform plan (or `zero_pad`), a stock `GPT2LMHeadModel`. For a mixed plan, a `MatGPT2LMHeadModel`
         with one `n_inner` per layer and no granularities of its own (`mat_widths=[]`). In eval mode, on `model`'s
-        device and dtype, with a copy of `model`'s generation config.
+        device and dtype, with a copy of `model`'s generation config, ready to serve (`set_serving_defaults`).
     """
+    if isinstance(model, PeftModel):
+        model = copy.deepcopy(model).merge_and_unload()
     widths = check_plan(model.config, plan)
+    padded = max(widths) if zero_pad else None
     shared = {key: value for key, value in model.config.to_dict().items() if key not in _SOURCE_ONLY_CONFIG_KEYS}
-    if len(set(widths)) == 1:
-        student_class, config = GPT2LMHeadModel, GPT2Config(**shared, n_inner=widths[0])
+    if padded is not None or len(set(widths)) == 1:
+        student_class, config = GPT2LMHeadModel, GPT2Config(**shared, n_inner=padded or widths[0])
     else:
         student_class, config = MatGPT2LMHeadModel, MatGPT2Config(**shared, n_inner=list(widths), mat_widths=[])
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     for layer_idx, width in enumerate(widths):
         for name, dim in nested_ffn_parameters(layer_idx).items():
             state[name] = state[name].narrow(dim, 0, width)
+            if padded is not None and width < padded:  # zero neurons: c_fc columns and bias 0, c_proj rows 0
+                shape = list(state[name].shape)
+                shape[dim] = padded - width
+                state[name] = torch.cat([state[name], state[name].new_zeros(shape)], dim=dim)
     # The tied head is re-tied to the new `wte` below; loading it too would give it a storage of its own.
     state = {
         name: tensor.clone(memory_format=torch.contiguous_format)
@@ -90,7 +110,35 @@ def extract_student(model: MatGPT2LMHeadModel, plan: Plan) -> GPT2LMHeadModel | 
         raise RuntimeError(f"extraction left parameters unmatched: missing {missing}, unexpected {unexpected}")
     student.tie_weights()
     student.generation_config = copy.deepcopy(model.generation_config)
+    set_serving_defaults(student)
     return student.eval()
+
+
+def set_serving_defaults(model: PreTrainedModel) -> None:
+    """What a saved model's config tells its users, set before saving: the KV cache on (`Trainer` leaves
+    `use_cache=False`, which every student would copy and which transformers' ExecuTorch export refuses), and a pad
+    token: GPT-2 has none, so padding uses the eos token (GPT-2's convention, what `generate` falls back to with a
+    warning), in the config and the generation config. The attention mask tells padding from a real eos."""
+    model.config.use_cache = True
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = eos
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = eos
+
+
+def finish_saved_folder(
+    folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, model_max_length: int | None = None
+) -> None:
+    """Complete a folder that `save_pretrained` (or `Trainer.save_model`) wrote: the weights readable like their
+    siblings (safetensors writes them with mode 0600, the other files get the usual 0644), and `tokenizer` saved
+    with the project's policy (`hf_matta.data.save_tokenizer`) and the model's context as `model_max_length`."""
+    folder = Path(folder)
+    for weights in folder.glob("*.safetensors"):
+        shutil.copymode(folder / "config.json", weights)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder, model_max_length)
 
 
 def save_student(
@@ -103,7 +151,9 @@ def save_student(
     """Write `student` to `out_dir`: `model.safetensors`, `config.json`, `generation_config.json`, the tokenizer's
     files, and for a `MatGPT2LMHeadModel` the modeling files that `auto_map` names (remote code). `lineage`, the
     nested model's record of its training run (`hf_matta.hub.read_lineage`), travels with it as `matta_lineage.json`,
-    so that a model card can be built from the student folder alone.
+    so that a model card can be built from the student folder alone. The folder is ready to serve: KV cache on, a pad
+    token, a tokenizer that loads without remote code and knows the model's context (`set_serving_defaults`,
+    `finish_saved_folder`).
 
     Raises `FileExistsError` if `out_dir` holds files, unless `overwrite`, which replaces the folder (atomically).
     """
@@ -113,9 +163,9 @@ def save_student(
     # Written under a temporary name and renamed when complete: an interruption leaves the old folder or none, and
     # stale files of another plan (modeling code, shards) never survive a replacement.
     with atomic_folder(out_dir, replace=True) as folder:
+        set_serving_defaults(student)
         student.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        finish_saved_folder(folder, tokenizer, student.config.n_positions)
         if lineage is not None:
             (folder / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
     return out_dir
@@ -252,9 +302,11 @@ __all__ = [
     "STRATEGIES",
     "PlanPoint",
     "extract_student",
+    "finish_saved_folder",
     "mix_n_match",
     "save_student",
     "search_plans",
+    "set_serving_defaults",
     "smallest_plan",
     "validation_loss",
 ]

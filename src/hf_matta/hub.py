@@ -47,9 +47,6 @@ NAME_FIELDS = ("base", "params", "plan")
 # What a student folder must hold to be published (weights as safetensors only: no pickled checkpoints).
 REQUIRED_FILES = ("config.json", "model.safetensors")
 STATUSES = ("created", "updated", "unchanged")  # of a pushed student; a dry run's are all "written"
-# What transformers 5 writes into tokenizer_config.json about how this machine loaded the tokenizer (`save_pretrained`
-# drops `name_or_path` as private, not these): they would make a repo's files depend on where they were extracted.
-LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")
 BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 
 
@@ -528,7 +525,6 @@ def _stage(
             save_student(extract_student(model, list(member.plan)), folder, tokenizer, lineage=family.lineage)
         else:
             shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".*", "README.md", "__pycache__"))
-        _drop_load_time_keys(folder / "tokenizer_config.json")
         pin = revision
         if len(set(member.plan)) > 1:  # remote code: the card pins the tag of exactly these files
             pin = _content_tag(folder)
@@ -547,16 +543,6 @@ def _stage(
         card.save(folder / "README.md")
         folders[member.repo_id] = folder
     return folders
-
-
-def _drop_load_time_keys(path: Path) -> None:
-    """Remove `LOAD_TIME_TOKENIZER_KEYS` from a tokenizer_config.json, written back as transformers writes it."""
-    if not path.is_file():
-        return
-    config = json.loads(path.read_text())
-    if any(key in config for key in LOAD_TIME_TOKENIZER_KEYS):
-        cleaned = {key: value for key, value in config.items() if key not in LOAD_TIME_TOKENIZER_KEYS}
-        path.write_text(json.dumps(cleaned, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _evaluated(results: dict | None, plan: tuple[int, ...]) -> dict | None:

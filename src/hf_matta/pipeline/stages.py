@@ -48,7 +48,15 @@ from ..data import (
     load_tokenizer,
     tokenize_and_pack,
 )
-from ..extract import extract_student, mix_n_match, save_student, smallest_plan, validation_loss
+from ..extract import (
+    extract_student,
+    finish_saved_folder,
+    mix_n_match,
+    save_student,
+    set_serving_defaults,
+    smallest_plan,
+    validation_loss,
+)
 from ..files import atomic_folder, is_empty_folder, write_json_atomic
 from ..hub import write_lineage
 from ..models import MatGPT2Config, MatGPT2LMHeadModel
@@ -216,7 +224,9 @@ def pretrain_teacher(
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():  # without DeepSpeed/FSDP only this process writes the model
         with atomic_folder(output_dir) as folder:
+            set_serving_defaults(trainer.model)
             trainer.save_model(folder)
+            finish_saved_folder(folder, tokenizer, config.n_positions)
     trainer.accelerator.wait_for_everyone()  # every process then loads the saved teacher
     return metrics
 
@@ -319,7 +329,10 @@ def _train(run: Run, model, training_args, tokenizer, blocks: dict, start: float
             run.log(f"resuming training from {resume}")
     train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     final_metrics = trainer.evaluate() if "validation" in blocks else {}
+    set_serving_defaults(model)  # Trainer turned the KV cache off in the config it saves
     trainer.save_model(training_args.output_dir)
+    if run.is_main_process:
+        finish_saved_folder(training_args.output_dir, tokenizer, model.config.n_positions)
     return _summary(trainer, model.config, run.args.data, run.args.run.config, train_metrics, final_metrics, start)
 
 

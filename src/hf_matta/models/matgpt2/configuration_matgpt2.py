@@ -6,8 +6,22 @@ and huggingface_hub's `strict` decorator (the one transformers' own configs use)
 
 from collections.abc import Sequence
 
-from huggingface_hub.dataclasses import strict
-from transformers import GPT2Config
+import transformers
+
+
+# The oldest transformers MatGPT2 runs on (measured by `make test-conformance`): configs as strict dataclasses and the
+# `cache=` keyword of GPT-2's forwards. Checked before anything else, so that remote code on an older version fails
+# with this message rather than deep inside a dataclass decorator.
+MIN_TRANSFORMERS_VERSION = "5.24"
+if tuple(map(int, transformers.__version__.split(".")[:2])) < tuple(map(int, MIN_TRANSFORMERS_VERSION.split("."))):
+    raise ImportError(
+        f"MatGPT2 needs transformers>={MIN_TRANSFORMERS_VERSION}, found {transformers.__version__}: `pip install -U "
+        f"'transformers>={MIN_TRANSFORMERS_VERSION}'`. Students with one FFN width for all layers are plain GPT-2 "
+        "checkpoints and load on transformers 4.x and 5.x."
+    )
+
+from huggingface_hub.dataclasses import strict  # noqa: E402 (after the version check)
+from transformers import GPT2Config  # noqa: E402
 
 
 @strict
@@ -26,6 +40,11 @@ class MatGPT2Config(GPT2Config):
             `[]` (a fixed model with no nested granularities) for a per-layer one.
         student_width (`int`, *optional*):
             The granularity that is served as the student. Must be one of `mat_widths`; defaults to the smallest.
+        ffn_widths (`int` or `list[int]`, *optional*):
+            The default plan: the FFN widths a forward call without `ffn_widths` runs (one for all layers, or one per
+            layer), so that `generate`, pipelines and lm-eval serve a smaller member of the family without code:
+            `AutoModelForCausalLM.from_pretrained(path, ffn_widths=256)`, or `ffn_widths` in `config.json`.
+            Defaults to `None`, the full width.
 
     Example:
 
@@ -42,6 +61,7 @@ class MatGPT2Config(GPT2Config):
     n_inner: int | list[int] | None = None
     mat_widths: list[int] | None = None
     student_width: int | None = None
+    ffn_widths: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.add_cross_attention:
@@ -55,6 +75,7 @@ class MatGPT2Config(GPT2Config):
                 f"student_width={self.student_width} is not one of the granularities mat_widths={self.mat_widths}; "
                 "pick one of them (or leave student_width unset for the smallest)."
             )
+        self.resolve_ffn_widths(self.ffn_widths)  # a default plan that does not fit is refused here, not at serving
         super().__post_init__(**kwargs)
 
     def _normalise_n_inner(self) -> list[int]:
@@ -107,9 +128,10 @@ class MatGPT2Config(GPT2Config):
         return len(set(self.n_inner)) == 1
 
     def resolve_ffn_widths(self, ffn_widths: int | Sequence[int] | None) -> tuple[int, ...]:
-        """One FFN width per layer for a forward pass: `None` is the full model, an int applies to every layer.
+        """One FFN width per layer for a plan: `None` is the full model, an int applies to every layer.
 
-        Any width from 1 to the layer's `n_inner` runs; the granularities in `mat_widths` are the ones trained.
+        Any width from 1 to the layer's `n_inner` runs; the granularities in `mat_widths` are the ones trained. (A
+        forward call without `ffn_widths` runs the default plan, `self.ffn_widths`.)
         """
         if ffn_widths is None:
             return tuple(self.n_inner)

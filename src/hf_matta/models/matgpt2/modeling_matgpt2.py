@@ -7,16 +7,20 @@ Only the difference from GPT-2 is written here. Parameter names and the Conv1D (
 This file travels to the Hub as remote code: it imports only torch and transformers.
 """
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import GPT2LMHeadModel, GPT2Model
+from transformers import GenerationConfig, GenerationMixin, GPT2LMHeadModel, GPT2Model
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.generation.utils import GenerateOutput
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block, GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_matgpt2 import MatGPT2Config
 
@@ -51,9 +55,15 @@ class MatConv1D(Conv1D):
     weight is copied and gradients reach the prefix only.
     """
 
+    __repr__ = nn.Module.__repr__  # Conv1D's own repr would hide `extra_repr`
+
     def __init__(self, nf: int, nx: int, nested: dict[str, int]):
         super().__init__(nf, nx)
         self.nested = nested
+
+    def extra_repr(self) -> str:
+        side = "out" if self.nested["weight"] == 1 else "in"  # which features are the FFN's hidden units
+        return f"nf={self.nf}, nx={self.nx}, nested={side}"
 
     def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
         if width is None:
@@ -64,18 +74,44 @@ class MatConv1D(Conv1D):
 
 
 class MatGPT2MLP(GPT2MLP):
-    """GPT-2's MLP whose hidden width is chosen per call: `c_fc` columns and `c_proj` rows `[:width]`."""
+    """GPT-2's MLP whose hidden width is chosen per call: `c_fc` columns and `c_proj` rows `[:width]`.
+
+    When an adapter (PEFT's LoRA, IA3, ...) or a quantizer has replaced `c_fc` or `c_proj`, that module runs at its
+    full width and the MLP nests its result: the first `width` outputs of `c_fc`, and `c_proj` fed zeros beyond the
+    first `width` inputs. That is exactly the width-`width` slice of the module's merged weights, so an adapter's
+    deltas are nested like the weights themselves: every width of an adapted model works, and a student extracted
+    after merging equals the adapted model at its plan. The cost: the full FFN's compute at every width until the
+    adapter is merged.
+    """
 
     def __init__(self, config: MatGPT2Config, layer_idx: int):
         nn.Module.__init__(self)  # GPT2MLP.__init__ would allocate plain Conv1Ds first
-        self.c_fc = MatConv1D(config.n_inner[layer_idx], config.hidden_size, nested=NESTED_FFN_DIMS["c_fc"])
-        self.c_proj = MatConv1D(config.hidden_size, config.n_inner[layer_idx], nested=NESTED_FFN_DIMS["c_proj"])
+        self.n_inner = config.n_inner[layer_idx]
+        # The widths this layer was built to run at: the trained granularities that fit it, and its full width.
+        self.granularities = sorted({*(width for width in config.mat_widths if width <= self.n_inner), self.n_inner})
+        self.c_fc = MatConv1D(self.n_inner, config.hidden_size, nested=NESTED_FFN_DIMS["c_fc"])
+        self.c_proj = MatConv1D(config.hidden_size, self.n_inner, nested=NESTED_FFN_DIMS["c_proj"])
         self.act = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
+    def extra_repr(self) -> str:
+        return f"n_inner={self.n_inner}, granularities={self.granularities}"
+
     def forward(self, hidden_states: torch.Tensor, width: int | None = None) -> torch.Tensor:
-        hidden_states = self.act(self.c_fc(hidden_states, width))  # (B, T, w)
-        return self.dropout(self.c_proj(hidden_states, width))  # (B, T, d)
+        narrower = width is not None and width < self.n_inner
+        if isinstance(self.c_fc, MatConv1D):
+            hidden_states = self.c_fc(hidden_states, width)  # (B, T, w): only the first w hidden units are computed
+        else:
+            hidden_states = self.c_fc(hidden_states)  # (B, T, W)
+            hidden_states = hidden_states[..., :width] if narrower else hidden_states  # (B, T, w)
+        hidden_states = self.act(hidden_states)
+        if isinstance(self.c_proj, MatConv1D):
+            hidden_states = self.c_proj(hidden_states, width)  # (B, T, d)
+        else:
+            if narrower:  # hidden units beyond the width are zero: they add nothing through the merged c_proj rows
+                hidden_states = nn.functional.pad(hidden_states, (0, self.n_inner - width))  # (B, T, W)
+            hidden_states = self.c_proj(hidden_states)  # (B, T, d)
+        return self.dropout(hidden_states)
 
 
 class MatGPT2Block(GPT2Block):
@@ -89,17 +125,23 @@ class MatGPT2Block(GPT2Block):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = MatGPT2MLP(config, layer_idx)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: None = None,
-        encoder_attention_mask: None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = False,
         ffn_widths: tuple[int, ...] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if encoder_hidden_states is not None:  # GPT-2's answer for a block built without cross-attention
+            raise ValueError(
+                f"`encoder_hidden_states` were passed, but MatGPT2 has no cross-attention layers (decoder-only); "
+                "drop `encoder_hidden_states` and `encoder_attention_mask`."
+            )
         width = None if ffn_widths is None else ffn_widths[self.layer_idx]
         attn_output, _ = self.attn(
             self.ln_1(hidden_states), cache=cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs
@@ -143,6 +185,7 @@ class MatGPT2Model(MatGPT2PreTrainedModel, GPT2Model):
         self._attn_implementation = config._attn_implementation
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -151,12 +194,16 @@ class MatGPT2Model(MatGPT2PreTrainedModel, GPT2Model):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         ffn_widths: FFNWidths = None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
-        r"""GPT2Model's forward, with `ffn_widths`: `None` runs every FFN at full width, an int runs every layer at
-        that width, a list gives one width per layer (a Mix'n'Match model)."""
+        r"""GPT2Model's forward, with `ffn_widths`: an int runs every layer at that width, a list gives one width per
+        layer (a Mix'n'Match model); `None` runs the config's default plan (`config.ffn_widths`; unset: full width)."""
+        if ffn_widths is None:
+            ffn_widths = self.config.ffn_widths
         return super().forward(
             input_ids,
             cache=cache,
@@ -164,13 +211,15 @@ class MatGPT2Model(MatGPT2PreTrainedModel, GPT2Model):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
             use_cache=use_cache,
             ffn_widths=self.config.resolve_ffn_widths(ffn_widths),
             **kwargs,
         )
 
 
-class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
+class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel, GenerationMixin):
     """MatGPT2 with GPT-2's tied language-modelling head. Every nested width is a causal LM of its own:
 
     ```python
@@ -189,6 +238,7 @@ class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
         self.loss_type = "ForCausalLM"
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -197,6 +247,8 @@ class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -211,12 +263,42 @@ class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             ffn_widths=ffn_widths,
             **kwargs,
         )
+
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ) -> GenerateOutput | torch.LongTensor:
+        r"""[`~GenerationMixin.generate`] at a plan: `ffn_widths=` as in `forward`, else `generation_config.ffn_widths`
+        when set, else the config's default plan (`config.ffn_widths`; unset: full width).
+
+        With an `assistant_model`, choose this model's plan with `config.ffn_widths` (or `from_pretrained(...,
+        ffn_widths=...)`): generate hands its keyword arguments to the assistant as well, and the assistant runs at
+        its own default plan.
+        """
+        widths = kwargs.pop("ffn_widths", None)
+        if hasattr(generation_config or self.generation_config, "ffn_widths"):
+            # generate would take `ffn_widths` for a generation setting and keep it from the forward: moved over.
+            generation_config = copy.deepcopy(generation_config or self.generation_config)
+            from_generation_config = generation_config.ffn_widths
+            del generation_config.ffn_widths
+            widths = from_generation_config if widths is None else widths
+        if widths is not None:
+            self.config.resolve_ffn_widths(widths)  # a width that does not fit fails before the first token
+            if kwargs.get("assistant_model") is not None:
+                raise ValueError(
+                    f"ffn_widths={widths!r} with an assistant_model: generate would send the width to the assistant "
+                    f"too. Set it as this model's default plan instead (`model.config.ffn_widths = {widths!r}`, or "
+                    f"`from_pretrained(..., ffn_widths={widths!r})`); the assistant keeps its own."
+                )
+            kwargs["ffn_widths"] = widths
+        return super().generate(inputs, generation_config, **kwargs)
 
     @torch.no_grad()
     def reorder_neurons_by_importance(self, calibration_input_ids: torch.LongTensor, start: int | None = None) -> None:
@@ -281,6 +363,14 @@ class MatGPT2LMHeadModel(MatGPT2PreTrainedModel, GPT2LMHeadModel):
                 state[name] = grown
         model.load_state_dict(state, strict=False)
         return model
+
+
+# transformers looks models up by class name in its name tables, which `AutoModelForCausalLM.register` does not fill:
+# Trainer shifts the labels for label smoothing only for the causal LMs listed there, the text-generation pipeline
+# checks them, and so do transformers' common model tests. No public API adds to them. Done here, in the file that
+# travels as remote code, so that loading with `trust_remote_code=True` registers the model as importing hf_matta does.
+MODEL_MAPPING_NAMES.setdefault(MatGPT2Config.model_type, MatGPT2Model.__name__)
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(MatGPT2Config.model_type, MatGPT2LMHeadModel.__name__)
 
 
 @torch.no_grad()
