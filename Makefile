@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
 # The oldest transformers each kind of saved model loads on (measured by `make test-conformance`, README "Conformance").
-OLDEST_TRANSFORMERS_4 ?= 4.26.1
+OLDEST_TRANSFORMERS_4 ?= 4.30.2
 OLDEST_TRANSFORMERS ?= 5.24.0
 CONFORMANCE_DIR ?= .conformance
 

@@ -96,6 +96,7 @@ def environment(dest: Path, version: str) -> Path:
 
 
 def main(dest: Path, versions: list[str]) -> int:
+    dest = dest.resolve()  # the checks run from a temporary folder
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as root:
         cases = build_folders(Path(root))
