@@ -239,6 +239,26 @@ def test_saved_folders_are_ready_to_serve(folders, name):
     assert AutoTokenizer.from_pretrained(folder, trust_remote_code=False).eos_token_id == VOCAB - 1
 
 
+def test_a_model_saved_after_trainer_is_ready_to_serve(tmp_path):
+    """`Trainer` sets `use_cache=False` in the config it saves; the pipeline's saves (here the teacher's, which runs
+    through the same `set_serving_defaults` / `finish_saved_folder` as the train stage) turn it back on."""
+    from hf_matta.data import train_bpe_tokenizer
+    from hf_matta.pipeline.stages import config_from_string, pretrain_teacher
+
+    tokenizer = train_bpe_tokenizer(["some text to learn a few merges from"] * 8, vocab_size=300)
+    blocks = [{"input_ids": row, "labels": row} for row in torch.randint(0, 259, (8, 16))]
+    config = config_from_string("n_layer=1,n_embd=16,n_head=2,n_positions=16", tokenizer)
+    args = TrainingArguments(tmp_path / "ignored", use_cpu=True, report_to="none", per_device_train_batch_size=4)
+    pretrain_teacher(config, args, tokenizer, blocks, tmp_path / "teacher", max_steps=1)
+    saved = json.loads((tmp_path / "teacher" / "config.json").read_text())
+    tokenizer_config = json.loads((tmp_path / "teacher" / "tokenizer_config.json").read_text())
+    assert saved["use_cache"] is True and saved["pad_token_id"] == tokenizer.eos_token_id
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tokenizer_config["model_max_length"] == 16 and "local_files_only" not in tokenizer_config
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "teacher").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+
+
 def test_printed_model_shows_the_nested_widths(nested):
     printed = repr(nested)
     assert f"MatGPT2MLP(\n          n_inner={TA}, granularities=[{STUDENT}, {TA}]" in printed
