@@ -49,6 +49,21 @@ def _plan_argument(text: str) -> int | list[int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type of a whole number of at least `minimum` (`--max-blocks`, `--batch-size`, `--block-size`)."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return whole_number
+
+
 def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="Folder of a trained nested MatGPT2 model.")
     parser.add_argument(
@@ -69,10 +84,12 @@ def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-size",
         "--block_size",
-        type=int,
+        type=_at_least(2),
         help="Tokens per held-out block (default: the training run's, else the model's context, at most 1024).",
     )
-    parser.add_argument("--max-blocks", type=int, default=32, help="Held-out blocks to measure on (default 32).")
+    parser.add_argument(
+        "--max-blocks", type=_at_least(1), default=32, help="Held-out blocks to measure on (default 32)."
+    )
     parser.add_argument(
         "--validation-split-percentage",
         "--validation_split_percentage",
@@ -84,7 +101,7 @@ def _add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, help="For a built-in corpus: the seed that drew the split (default: the training run's)."
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="Blocks per forward pass (default 8).")
+    parser.add_argument("--batch-size", type=_at_least(1), default=8, help="Blocks per forward pass (default 8).")
 
 
 def add_plans_command(subparsers: argparse._SubParsersAction) -> None:
@@ -414,7 +431,7 @@ def _load_model_and_data(
     """The nested model (only when weights are needed) and the held-out blocks: --data, or the validation split of
     the run that trained MODEL_DIR when `hf-matta run` recorded it there."""
     from .data import load_heldout_blocks, load_tokenizer, split_blocks
-    from .models.matgpt2 import MatGPT2LMHeadModel
+    from .extract import load_nested_model
     from .pipeline.run import recorded_data
 
     recorded = recorded_data(args.model_dir)  # (DataArguments, seed) of the training run, or None
@@ -434,6 +451,12 @@ def _load_model_and_data(
             given = {"validation_split_percentage": args.validation_split_percentage, "seed": args.seed}
             split.update({name: value for name, value in given.items() if value is not None})
             input_ids = load_heldout_blocks(args.data, tokenizer, block_size, args.max_blocks, **split)
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(
+                f"held-out token ids range from {low} to {high}, outside the model's vocabulary (0 to "
+                f"{config.vocab_size - 1}); give token ids of MODEL_DIR's tokenizer, or text."
+            )
         if input_ids.shape[1] > config.n_positions:
             raise ValueError(
                 f"held-out blocks of {input_ids.shape[1]} tokens are longer than the model's context "
@@ -441,17 +464,25 @@ def _load_model_and_data(
             )
     model = None
     if need_model or input_ids is not None:
-        model = MatGPT2LMHeadModel.from_pretrained(args.model_dir)
+        model = load_nested_model(args.model_dir)  # a corrupted weights file or non-finite weights are named
     return model, input_ids
 
 
 def _check_out_dirs(args: argparse.Namespace, plans: Sequence[Sequence[int]]) -> None:
-    """Refuse, before any extraction, to write into a student folder that already holds files."""
+    """Refuse, before any extraction, a student folder that is MODEL_DIR or holds it (even with --overwrite: replacing
+    it would delete the model being extracted), or that already holds files (unless --overwrite)."""
     from .widths import plan_name
 
+    folders = [args.out / plan_name(widths) for widths in plans]
+    source = args.model_dir.resolve()
+    for folder in folders:
+        if folder.resolve() == source or folder.resolve() in source.parents:
+            raise ValueError(
+                f"student folder {folder} is MODEL_DIR {args.model_dir} or holds it: writing the student there would "
+                "delete the model it is extracted from; choose another --out."
+            )
     if args.overwrite:
         return
-    folders = [args.out / plan_name(widths) for widths in plans]
     taken = [str(folder) for folder in folders if folder.is_dir() and any(folder.iterdir())]
     if taken:
         raise FileExistsError(f"student folders exist and are not empty: {taken}; pass --overwrite to replace them.")

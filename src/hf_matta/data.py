@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 import datasets
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -217,17 +219,99 @@ def load_corpus(data_args: DataArguments, seed: int = 42) -> DatasetDict | Itera
             if Path(path).stat().st_size == 0:
                 raise ValueError(f"{split} file {path!r} is empty; give a file with text in it.")
         builder = _LOCAL_FORMATS[Path(data_files["train"]).suffix]
-        raw = load_dataset(builder, data_files=data_files)
+        try:
+            raw = load_dataset(builder, data_files=data_files)
+        except DatasetGenerationError as error:  # says neither which file nor where: find the line
+            for split, path in data_files.items():
+                check_text_file(path, f"{split}_file", data_args.text_column)
+            files = list(data_files.values())
+            raise ValueError(f"the data files {files} could not be read: {error.__cause__}") from error
     if "train" not in raw:
         raise ValueError(f"dataset {data_args.dataset_name!r} has no 'train' split, only {sorted(raw)}.")
     raw = type(raw)({split: raw[split] for split in ("train", "validation") if split in raw})  # no "test" etc.
-    for dataset in raw.values():
+    for split, dataset in raw.items():
         _check_text_column(dataset, data_args.text_column, source=_describe_source(data_args))
+        feature = (dataset.features or {}).get(data_args.text_column)
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            if data_args.dataset_name is None:  # a local file: name the first line that is not text
+                check_text_file(data_files[split], f"{split}_file", data_args.text_column)
+            raise ValueError(
+                f"text_column={data_args.text_column!r} of {_describe_source(data_args)} holds {feature}, not text; "
+                "set text_column to the column that holds the documents."
+            )
     if "validation" not in raw and data_args.validation_split_percentage > 0:
         raw = _hold_out_validation(raw["train"], data_args, seed)
     if not data_args.streaming:
         _check_not_empty(raw["train"], data_args.text_column, source=_describe_source(data_args))
     return raw
+
+
+def check_text_file(
+    path: str | os.PathLike, name: str = "train_file", text_column: str = "text", head_bytes: int | None = None
+) -> None:
+    """Check a local `.txt` / `.jsonl` data file line by line, raising an error that names the file, the line and
+    what to do: it exists and holds text, is UTF-8 without NUL bytes, and (JSON lines) every line is a JSON object
+    whose `text_column` is a string.
+
+    `head_bytes` reads only the head of the file (what `--check` does, in seconds); without it the whole file is read
+    (what `load_corpus` does when `datasets` could not read a file, to say where and why).
+    """
+    file = Path(path)
+    where = f"{name}={str(path)!r}"
+    if not file.is_file():
+        raise FileNotFoundError(f"{where} does not exist; check the path.")
+    json_lines = _LOCAL_FORMATS.get(file.suffix) == "json"
+
+    def text_of(raw: bytes, number: int, cut: bool = False) -> str:
+        if b"\x00" in raw:
+            raise ValueError(f"{where} is binary (line {number} holds NUL bytes), not text; give a text file")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if cut and error.start >= len(raw) - 3:  # a character cut in two by the end of the head
+                return raw[: error.start].decode("utf-8")
+            raise ValueError(
+                f"{where}: line {number} is not UTF-8 text (byte {raw[error.start : error.start + 1]!r} at column "
+                f"{error.start + 1}); convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`."
+            ) from None
+
+    def check_row(text: str, number: int) -> None:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{where}: line {number} is not JSON ({error.msg}, column {error.colno}); give one JSON object a line."
+            ) from None
+        if not isinstance(row, dict) or text_column not in row:
+            keys = sorted(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+            raise ValueError(
+                f"{where}: line {number} has no {text_column!r} field ({keys}); set text_column to the field that "
+                "holds the text."
+            )
+        if not isinstance(row[text_column], str | None):
+            raise ValueError(
+                f"{where}: line {number}: {text_column!r} is {json.dumps(row[text_column])[:40]}, not a string; "
+                "every line's text must be a string."
+            )
+
+    has_text = False
+    with open(file, "rb") as f:
+        if head_bytes is None:
+            lines, partial = f, None
+        else:
+            head = f.read(head_bytes)
+            lines = head.splitlines(keepends=True)
+            partial = lines.pop() if lines and f.read(1) else None  # the head ends inside this line
+        number = 0
+        for number, raw in enumerate(lines, 1):
+            text = text_of(raw, number)
+            has_text = has_text or bool(text.strip())
+            if json_lines and text.strip():
+                check_row(text, number)
+        if partial is not None:
+            has_text = has_text or bool(text_of(partial, number + 1, cut=True).strip())
+    if not has_text:
+        raise ValueError(f"{where} is empty; give a file with text in it.")
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
@@ -385,9 +469,17 @@ def load_heldout_blocks(
     if data.endswith(".pt"):
         if not Path(data).is_file():
             raise FileNotFoundError(f"--data {data!r} does not exist; give a .pt file of token ids or a text file.")
-        input_ids = torch.load(data, weights_only=True)
+        try:
+            input_ids = torch.load(data, weights_only=True)
+        except (EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+            raise ValueError(
+                f"--data {data!r} is not a tensor file written by torch.save (empty, truncated or another format: "
+                f"{type(error).__name__} {error}); save the token ids with torch.save(tensor, path)."
+            ) from None
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"--data {data!r} must hold a 2-D integer tensor of token ids (N, T).")
+        if input_ids.numel() == 0:
+            raise ValueError(f"--data {data!r} holds no tokens (shape {tuple(input_ids.shape)}); give some blocks.")
         return input_ids[:max_blocks].long()
     if tokenizer is None:
         raise ValueError(f"--data {data!r} is text, but there is no tokenizer to read it; give token ids (.pt).")
@@ -504,6 +596,7 @@ __all__ = [
     "BUILTIN_CORPORA",
     "DataArguments",
     "check_block_size",
+    "check_text_file",
     "load_corpus",
     "load_heldout_blocks",
     "load_or_train_tokenizer",

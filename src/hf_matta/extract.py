@@ -14,11 +14,12 @@
 import copy
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -56,6 +57,35 @@ class PlanPoint:
     val_loss: float | None = None
 
 
+def load_nested_model(model_dir: str | Path) -> MatGPT2LMHeadModel:
+    """The trained nested model saved in `model_dir`, in eval mode. A weights file that is truncated or corrupted is
+    named as such before anything loads, and weights that are NaN or infinite are refused (`check_finite`)."""
+    model_dir = Path(model_dir)
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):  # reads and validates the header against the file's size
+                pass
+        except SafetensorError as error:
+            raise ValueError(
+                f"{weights} is not a readable safetensors file ({error}): it is truncated or corrupted; copy or save "
+                "the model again."
+            ) from None
+    model = MatGPT2LMHeadModel.from_pretrained(model_dir).eval()
+    check_finite(model.state_dict().items(), str(model_dir))
+    return model
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Raise `ValueError` naming the first floating-point tensor of `source` that holds NaN or infinite values."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{source}: {name} holds {count:,} NaN or infinite values (of {tensor.numel():,}): the weights are "
+                "corrupted, or training diverged; students of it would be too. Use an earlier checkpoint."
+            )
+
+
 def extract_student(
     model: MatGPT2LMHeadModel | PeftModel, plan: Plan, zero_pad: bool = False
 ) -> GPT2LMHeadModel | MatGPT2LMHeadModel:
@@ -90,6 +120,7 @@ def extract_student(
     else:
         student_class, config = MatGPT2LMHeadModel, MatGPT2Config(**shared, n_inner=list(widths), mat_widths=[])
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    check_finite(state.items(), "the nested model")
     for layer_idx, width in enumerate(widths):
         for name, dim in nested_ffn_parameters(layer_idx).items():
             state[name] = state[name].narrow(dim, 0, width)
@@ -301,8 +332,10 @@ def mix_n_match(
 __all__ = [
     "STRATEGIES",
     "PlanPoint",
+    "check_finite",
     "extract_student",
     "finish_saved_folder",
+    "load_nested_model",
     "mix_n_match",
     "save_student",
     "search_plans",

@@ -28,13 +28,16 @@ import random
 import signal
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import logging
 from transformers.utils.peft_utils import find_adapter_config_file
 
+from .data import load_tokenizer
 from .diagnostics import FFNSplitProbe, ffn_split_metrics
 from .losses import MatTALoss, count_valid_tokens, cross_entropy, kl_divergence, matta_loss
 from .models.matgpt2 import MatGPT2LMHeadModel
@@ -44,23 +47,68 @@ from .training_args import SHAMPOO_OPTIMIZERS, MatTATrainingArguments
 logger = logging.get_logger(__name__)
 
 PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite during training; the run stopped before applying that step."""
+
+
+def check_teacher_location(name_or_path: str) -> None:
+    """Refuse, naming it, a teacher that is neither a saved model's folder nor shaped as a Hub id (Transformers would
+    say "Repo id must be in the form ..." of a mistyped path), and a folder without weights (a save that never
+    completed)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return  # a PEFT adapter: its base model is named inside
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the teacher {name_or_path!r} is a folder without config.json: no saved model.")
+        if not any((path / name).is_file() for name in _WEIGHT_FILES):
+            raise FileNotFoundError(
+                f"the teacher {name_or_path!r} holds config.json but no weights ({_WEIGHT_FILES[0]}): a save that "
+                "did not complete. Delete the folder (a teacher pre-trained by hf-matta run is then trained again)."
+            )
+        return
+    if path.exists():
+        raise FileNotFoundError(f"the teacher {name_or_path!r} is a file: give the folder of a saved model.")
+    try:
+        validate_repo_id(name_or_path)
+        hub_shaped = not (path.is_absolute() or name_or_path.startswith((".", "~")))
+    except HFValidationError:
+        hub_shaped = False
+    if not hub_shaped:
+        raise FileNotFoundError(f"the teacher {name_or_path!r} does not exist: give the folder of a saved model.")
+
+
+def check_output_dir(output_dir: str | os.PathLike, reads: Mapping[str, str | None]) -> None:
+    """Refuse an output folder that is, or is inside, a folder the run reads (`reads`: argument name -> its value, a
+    folder that may not exist yet): saving there would replace the teacher or the tokenizer with the trained model."""
+    output = Path(output_dir).resolve()
+    for name, value in reads.items():
+        if value is None:
+            continue
+        folder = Path(value).resolve()
+        if output == folder or folder in output.parents:
+            raise ValueError(
+                f"output_dir={str(output_dir)!r} is {name}={value!r} or inside it: saving the trained model would "
+                "write over it; choose another output_dir."
+            )
 
 
 def load_teacher(name_or_path: str) -> PreTrainedModel:
     """The teacher named by a path or Hub id; a PEFT adapter is loaded onto its base model and merged into it."""
-    if find_adapter_config_file(name_or_path) is not None:
-        from peft import AutoPeftModelForCausalLM
-
-        return AutoPeftModelForCausalLM.from_pretrained(name_or_path).merge_and_unload()
-    return AutoModelForCausalLM.from_pretrained(name_or_path)
-
-
-def _load_tokenizer(name_or_path: str):
-    """The tokenizer saved with a model, or None when that folder or repo holds none."""
+    check_teacher_location(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        return None
+        if find_adapter_config_file(name_or_path) is not None:
+            from peft import AutoPeftModelForCausalLM
+
+            return AutoPeftModelForCausalLM.from_pretrained(name_or_path).merge_and_unload()
+        return AutoModelForCausalLM.from_pretrained(name_or_path)
+    except OSError as error:  # not on the Hub, offline, or a folder without weights
+        raise OSError(f"the teacher {name_or_path!r} could not be loaded: {error}") from error
 
 
 class _TermWindow:
@@ -116,9 +164,28 @@ class _PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.release()
+
+    def release(self) -> None:
+        """Give SIGTERM back to the handler it had before training."""
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+
+
+class _TrainingChecks(TrainerCallback):
+    """Runs the trainer's checks once training starts (the number of steps is known then) and before every optimizer
+    step (the step's gradients are accumulated, not yet applied)."""
+
+    def __init__(self, at_start: Callable[[], None], before_step: Callable[[], None]):
+        self.at_start = at_start
+        self.before_step = before_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.at_start()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.before_step()
 
 
 class MatTATrainer(Trainer):
@@ -175,10 +242,11 @@ class MatTATrainer(Trainer):
                 f"n_gpu={args.n_gpu}: MatTATrainer does not run under torch.nn.DataParallel; launch one process per "
                 "device with `accelerate launch` or `torchrun` (DDP)."
             )
+        check_output_dir(args.output_dir, {"teacher_model_name_or_path": args.teacher_model_name_or_path})
         if teacher_model is None and args.teacher_model_name_or_path is not None:
             teacher_model = load_teacher(args.teacher_model_name_or_path)
             if teacher_processing_class is None:
-                teacher_processing_class = _load_tokenizer(args.teacher_model_name_or_path)
+                teacher_processing_class = load_tokenizer(args.teacher_model_name_or_path)
         if teacher_model is not None:
             self._check_teacher(teacher_model, teacher_processing_class)
             teacher_model.eval().requires_grad_(False)
@@ -188,6 +256,8 @@ class MatTATrainer(Trainer):
         self._teacher_prepared = False
         self._window = _TermWindow()
         self._eval_sums: dict[int | str, torch.Tensor] = {}  # width or diagnostic -> sums
+        self._non_finite: dict[str, torch.Tensor] = {}  # loss term -> whether it was NaN/inf in this step
+        self.add_callback(_TrainingChecks(self._check_training_start, self._stop_if_non_finite))
         self._preemption = _PreemptionCallback(self._any_process)
         self.add_callback(self._preemption)
 
@@ -233,6 +303,57 @@ class MatTATrainer(Trainer):
                 f"{len(student_tokens)} tokens; e.g. (token, id) {differing} are in one only). Use the same tokenizer "
                 "for both."
             )
+
+    def _check_training_start(self) -> None:
+        """Before the first step: the schedule fits the run, and the training sequences fit the models' contexts."""
+        self.args.check_schedule(self.state.max_steps)
+        dataset = self.train_dataset
+        if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset) > 0:
+            row = dataset[0]
+            if isinstance(row, Mapping) and "input_ids" in row:
+                self._check_context(torch.as_tensor(row["input_ids"]).shape[-1])
+
+    def _check_context(self, length: int) -> None:
+        """Sequences of `length` tokens must fit the student's and the (running) teacher's position embeddings."""
+        models = {"the student": self._config}
+        if self.teacher is not None and self.args.teacher_weight > 0:
+            models["the teacher"] = self.teacher.config
+        for name, config in models.items():
+            context = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions
+            if context is not None and length > context:
+                raise ValueError(
+                    f"training sequences of {length} tokens are longer than {name}'s context ({context} positions): "
+                    f"use sequences (block_size) of at most {context} tokens, or {name.replace('the ', 'a ')} with "
+                    "a longer context."
+                )
+
+    def _stop_if_non_finite(self) -> None:
+        """Before the optimizer applies a step in which a loss term was NaN or infinite (on any process): save a
+        checkpoint of the last good step (the weights, optimizer and schedule are still its own) and stop, naming the
+        terms and the step."""
+        if not self._non_finite:
+            return
+        names = sorted(self._non_finite)
+        flags = torch.stack([self._non_finite[name] for name in names]).float()
+        self._non_finite = {}
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, "sum")
+        bad = [name for name, flag in zip(names, flags.tolist()) if flag > 0]
+        if not bad:
+            return
+        good = self.state.global_step
+        kept = "nothing was trained yet"
+        if good > 0:
+            self._save_checkpoint(self.model, trial=None)
+            kept = (
+                f"{os.path.join(self.args.output_dir, f'checkpoint-{good}')} holds step {good}, the last good one "
+                "(resume_from_checkpoint continues from it)"
+            )
+        raise NonFiniteLossError(
+            f"non-finite loss at optimizer step {good + 1} of {self.state.max_steps}: the {', '.join(bad)} term(s) "
+            f"became NaN or infinite, so training stopped before applying it; {kept}. Lower learning_rate, check the "
+            "training data and the teacher, or set max_grad_norm."
+        )
 
     # ---- the step ----
 
@@ -316,6 +437,7 @@ class MatTATrainer(Trainer):
                 f"The batch has no `labels` (keys: {sorted(inputs)}): MatTATrainer needs them, e.g. from "
                 "DataCollatorForLanguageModeling(tokenizer, mlm=False), or labels = input_ids."
             )
+        self._check_context(labels.shape[-1])
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         students, ta_trained = self._granularities(evaluating)
         ta_width = config.mat_widths[-1]
@@ -366,6 +488,9 @@ class MatTATrainer(Trainer):
             terms = {name: value * scale for name, value in terms.items()}
         if model.training:
             step = self.state.global_step
+            for name, value in {"total": total, **terms}.items():  # checked before the optimizer step, one sync
+                bad = ~torch.isfinite(value.detach())
+                self._non_finite[name] = self._non_finite[name] | bad if name in self._non_finite else bad
             for name, value in terms.items():
                 self._window.add(step, f"loss_{name}", value)
             for name in ("student_weight", "distill_weight"):
@@ -438,10 +563,13 @@ class MatTATrainer(Trainer):
 
     def train(self, *args, **kwargs):
         """Trainer's train; after a SIGTERM it has saved a checkpoint, and the process exits with status 143."""
-        output = super().train(*args, **kwargs)
+        try:
+            output = super().train(*args, **kwargs)
+        finally:  # a training that raised skipped on_train_end: SIGTERM must not stay caught (processes forked later
+            self._preemption.release()  # would ignore it, and Pool.terminate would wait for them forever)
         if self._preemption.preempted:
             raise SystemExit(PREEMPTED_EXIT_STATUS)
         return output
 
 
-__all__ = ["MatTATrainer", "load_teacher"]
+__all__ = ["MatTATrainer", "NonFiniteLossError", "check_output_dir", "check_teacher_location", "load_teacher"]

@@ -170,8 +170,23 @@ class MatTATrainingArguments(TrainingArguments):
         self._check_matta_fields()
         super().__post_init__()
 
+    def __getstate__(self) -> dict:
+        """What pickling keeps: everything but `hub_token`, so that no `training_args.bin` (saved with every model and
+        checkpoint, and uploaded by `push_to_hub`) holds the secret; the object in memory keeps it."""
+        return {**self.__dict__, "hub_token": None}
+
     def _check_matta_fields(self) -> None:
         """Range-check the MatTA fields before Transformers' own (cheap) checks and set-up."""
+        for name, value in vars(self).items():  # NaN passes every comparison, and inf weights or temperatures
+            if isinstance(value, float) and not math.isfinite(value):  # train an all-NaN model
+                raise ValueError(f"{name}={value} is not a finite number; give a finite value.")
+        if self.max_steps == 0:
+            raise ValueError(
+                "max_steps=0 trains nothing: give a positive number of optimizer steps, or -1 (the default) to train "
+                f"for num_train_epochs={self.num_train_epochs}."
+            )
+        if self.max_steps < 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs={self.num_train_epochs} trains nothing: give a positive number.")
         for name in (
             "student_weight", "ta_weight", "distill_weight", "distill_warmup_steps", "ta_first_steps",
             "student_warmup_steps",
@@ -205,6 +220,31 @@ class MatTATrainingArguments(TrainingArguments):
         for name, low in lows.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}.")
+        if self.max_steps > 0:
+            self.check_schedule(self.max_steps)
+
+    def check_schedule(self, num_training_steps: int) -> None:
+        """Refuse a schedule longer than the run: a TA-first phase that leaves the student no step, or a warm-up
+        that ends after the last step (its weight would never be reached). The trainer calls it again once it knows
+        the number of steps of an epoch-based run."""
+
+        def share(value: float) -> float:  # a schedule length as a share of the run (ints are steps)
+            return value / num_training_steps if value >= 1 else value
+
+        run = f"the run's {num_training_steps} optimizer steps"
+        if self.ta_first_steps > 0 and share(self.ta_first_steps) >= 1:
+            raise ValueError(
+                f"ta_first_steps={self.ta_first_steps} covers all of {run}: the student would never train; give "
+                "fewer steps, a fraction below 1, or train longer."
+            )
+        for name in ("student_warmup_steps", "distill_warmup_steps"):
+            value = getattr(self, name)
+            if share(self.ta_first_steps) + share(value) > 1 + 1e-9:
+                after = f" (after ta_first_steps={self.ta_first_steps})" if self.ta_first_steps else ""
+                raise ValueError(
+                    f"{name}={value}{after} ends after the last of {run}: the weight it ramps would never be "
+                    "reached; shorten it or train longer."
+                )
 
     def schedule_steps(self, value: float, num_training_steps: int) -> int:
         """A schedule length given as int steps (>= 1) or as a fraction in (0, 1) of `num_training_steps`."""

@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # annotations only: importing this module stays light (the co
 Plan = int | Sequence[int] | None
 STRATEGIES = ("uniform", "block", "search")  # how budgets become plans (`hf_matta.extract.mix_n_match`)
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+MAX_PLAN_LAYERS = 4096  # far above any model's depth (GPT-2 XL has 48 layers): a longer plan is a typo
+_MAX_DIGITS = 18  # longer numbers are typos, refused before int() reads them (Python refuses 4300+ digits)
 
 
 def count_parameters(config: MatGPT2Config, plan: Plan = None) -> int:
@@ -65,15 +67,16 @@ def check_plan(config: MatGPT2Config, plan: Plan) -> tuple[int, ...]:
     if plan is None:
         return tuple(config.n_inner)
     widths = [plan] * config.n_layer if isinstance(plan, int) else list(plan)
+    shown = widths if len(widths) <= 32 else _shorten(format_plan(widths))  # a long plan as runs (64x300)
     if len(widths) != config.n_layer:
         raise ValueError(
-            f"plan {widths} has {len(widths)} widths but the model has n_layer={config.n_layer} layers; "
+            f"plan {shown} has {len(widths)} widths but the model has n_layer={config.n_layer} layers; "
             "give one width per layer, or a single width for all layers."
         )
     for layer_idx, (width, allowed) in enumerate(zip(widths, layer_granularities(config))):
         if isinstance(width, bool) or width not in allowed:
             raise ValueError(
-                f"plan {widths}: width {width!r} of layer {layer_idx} is not a granularity of that layer; "
+                f"plan {shown}: width {width!r} of layer {layer_idx} is not a granularity of that layer; "
                 f"choose one of {list(allowed)}."
             )
     return tuple(widths)
@@ -143,19 +146,35 @@ def format_plan(widths: Sequence[int]) -> str:
 
 
 def parse_plan(text: str) -> int | list[int]:
-    """Read `64` (an int, uniform), `32,128,64` or `64x3,128x2` (one width per layer) as written by `format_plan`."""
-    if text.strip().isdigit():
+    """Read `64` (an int, uniform), `32,128,64` or `64x3,128x2` (one width per layer) as written by `format_plan`.
+
+    A plan naming more than `MAX_PLAN_LAYERS` layers is refused before its list is built, so that a typo such as
+    `256x300000000` costs nothing.
+    """
+    if text.strip().isdigit() and len(text.strip()) <= _MAX_DIGITS:
         return int(text)
-    widths = []
+    runs = []
     for part in text.split(","):
         width, _, count = part.strip().partition("x")
-        if not width.isdigit() or not (count or "1").isdigit():
+        count = count or "1"
+        if not (width.isdigit() and count.isdigit()) or max(len(width), len(count)) > _MAX_DIGITS:
             raise ValueError(
-                f"plan {text!r}: {part!r} is not a width; write one int for all layers (64), one per layer "
-                "(32,128,64) or runs (64x3,128x2)."
+                f"plan {_shorten(text)!r}: {_shorten(part)!r} is not a width; write one int for all layers (64), one "
+                "per layer (32,128,64) or runs (64x3,128x2)."
             )
-        widths += [int(width)] * int(count or 1)
-    return widths
+        runs.append((int(width), int(count)))
+    layers = sum(count for _, count in runs)
+    if layers > MAX_PLAN_LAYERS:
+        raise ValueError(
+            f"plan {_shorten(text)!r} names {layers:,} layers, more than any model has (at most {MAX_PLAN_LAYERS:,} "
+            "here); give one width per layer of the model, e.g. 64x24 for 24 layers."
+        )
+    return [width for width, count in runs for _ in range(count)]
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """`text`, cut to `limit` characters for an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def parse_budget(text: str) -> int:
@@ -176,6 +195,7 @@ def plan_name(widths: Sequence[int]) -> str:
 
 
 __all__ = [
+    "MAX_PLAN_LAYERS",
     "STRATEGIES",
     "Plan",
     "block_plans",

@@ -9,27 +9,22 @@ refused with the file, the field and the value named, before anything runs; `Non
 optional field from either side.
 """
 
-import argparse
 import dataclasses
-import difflib
-import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..data import DataArguments
 from ..training_args import MatTATrainingArguments
 from ..widths import STRATEGIES
+from .options import config_to_argv, field_actions, or_none, read_config_file, save_options
 
 
 STAGES = ("teacher", "train", "extract", "evaluate", "publish", "report")
-_NONE_TOKENS = ("None", "null")  # not "none": report_to takes it as a value
 
 
 @dataclass
@@ -285,9 +280,9 @@ def build_parser(prog: str | None = None, config_positional: bool = False) -> Hf
     `config_positional` adds the config file as a positional argument (`hf-matta run CONFIG`)."""
     parser = HfArgumentParser(ARGUMENT_CLASSES, prog=prog, allow_abbrev=False)
     optional = _optional_fields()
-    for action in _field_actions(parser).values():
+    for action in field_actions(parser).values():
         if action.dest in optional and action.type is not None and action.nargs != "+":
-            action.type = _or_none(action.type)
+            action.type = or_none(action.type)
     if config_positional:
         parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="The run's config (same as --config).")
     return parser
@@ -301,89 +296,6 @@ def _optional_fields() -> set[str]:
         for name, hint in typing.get_type_hints(cls).items()
         if isinstance(hint, types.UnionType) and type(None) in hint.__args__
     }
-
-
-def _field_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Each field's own option (`--name`; not the `--no_name` complement of a boolean), by field name."""
-    return {
-        action.dest: action
-        for action in parser._actions
-        if action.option_strings and action.option_strings[0] == f"--{action.dest}"
-    }
-
-
-def _or_none(convert: Any) -> Any:
-    """An argparse type that reads `None` / `null` as None and anything else as `convert` does."""
-
-    def convert_or_none(text: str) -> Any:
-        return None if text in _NONE_TOKENS else convert(text)
-
-    convert_or_none.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
-    return convert_or_none
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The fields of a YAML or JSON config file, as a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {str(path)!r} does not exist; see recipes/configs/ for examples.")
-    try:
-        with open(path) as f:
-            config = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        raise ValueError(f"config {path} is not valid {kind}: {error}") from None
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise ValueError(f"config {path} must map field names to values, not hold a {type(config).__name__}.")
-    return config
-
-
-def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
-    """Command-line tokens for the fields of a config file, each value checked by its option's own type and choices
-    first, so that an error names the file, the field and the value. `null` leaves an optional field unset."""
-    actions = _field_actions(parser)
-    optional = _optional_fields()
-    tokens = []
-    for name, value in config.items():
-        action = actions.get(name)
-        if action is None:
-            close = difflib.get_close_matches(str(name), list(actions), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"{source}: unknown field {name!r}{hint}; `--help` lists the valid ones.")
-        if value is None:
-            if name not in optional:
-                raise ValueError(f"{source}: {name} is null, but it cannot be unset; give a value or drop the line.")
-            if action.nargs == "+":  # an unset list: its default (None)
-                continue
-        if isinstance(value, list) and action.nargs != "+":
-            raise ValueError(f"{source}: {name} is a list ({value!r}), but {name} takes one value.")
-        texts = [_as_text(item) for item in (value if isinstance(value, list) else [value])]
-        for text in texts:
-            _check_value(action, name, text, source)
-        tokens += [f"--{name}", *texts]
-    return tokens
-
-
-def _as_text(value: Any) -> str:
-    """A config value as the command line would spell it (dicts as JSON, which TrainingArguments parses)."""
-    if value is None:
-        return "None"
-    if isinstance(value, dict):
-        return json.dumps(value)
-    return str(value)
-
-
-def _check_value(action: argparse.Action, name: str, text: str, source: str) -> None:
-    """Convert `text` as the option's argparse type does; a `ValueError` naming the file and the field otherwise."""
-    try:
-        value = action.type(text) if action.type is not None else text
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        kind = getattr(action.type, "__name__", "value").replace("string_to_bool", "bool")
-        raise ValueError(f"{source}: {name}: {text!r} is not a valid {kind}.") from None
-    if action.choices is not None and value not in action.choices:
-        raise ValueError(f"{source}: {name}: {text!r} is not one of {list(action.choices)}.")
 
 
 def parse_args(
@@ -400,6 +312,7 @@ def parse_args(
     """
     argv = list(argv or [])
     parser = build_parser(prog, config_positional)
+    save_options(parser, _optional_fields(), prog, config_positional)  # for the next run's quick checks (options.py)
     known = parser.parse_known_args(argv)[0]  # the full parser, so that option values are not taken for CONFIG
     positional = getattr(known, "config_file", None)
     if positional is not None and known.config is not None and positional != known.config:
@@ -409,7 +322,7 @@ def parse_args(
         parser.error("give the run's config: hf-matta run CONFIG (e.g. recipes/configs/tiny_cpu.yaml).")
     tokens = []
     if config_path is not None:
-        tokens = config_to_argv(read_config_file(config_path), parser, source=str(config_path))
+        tokens = config_to_argv(read_config_file(config_path), parser, str(config_path), _optional_fields())
         tokens += ["--config", str(config_path)]
     for action in parser._actions:  # a field the file sets is no longer required on the command line
         if action.required and any(option in tokens for option in action.option_strings):

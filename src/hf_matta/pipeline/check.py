@@ -5,7 +5,6 @@
 any stage, so a mistake costs seconds, not GPU hours.
 """
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +12,10 @@ from pathlib import Path
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, PretrainedConfig
 
-from ..data import check_block_size, load_tokenizer
+from ..data import check_block_size, check_text_file, load_tokenizer
+from ..files import is_empty_folder
 from ..hub import PublishError
+from ..trainer import check_output_dir, check_teacher_location
 from ..models import MatGPT2Config
 from .arguments import PipelineArguments
 from .stages import DRY_RUN_NAMESPACE, config_from_string, resolve_plans
@@ -50,7 +51,9 @@ def check_run(args: PipelineArguments) -> MatGPT2Config:
         if plans is not None:
             attempt(lambda: _check_publish(args, config, plans))
     for name in ("train_file", "validation_file"):
-        attempt(lambda name=name: _check_text_file(getattr(args.data, name), name, args.data.text_column))
+        if getattr(args.data, name) is not None:
+            path = getattr(args.data, name)
+            attempt(lambda name=name, path=path: check_text_file(path, name, args.data.text_column, _TEXT_HEAD_BYTES))
     attempt(lambda: _check_teacher(args, vocab))
     attempt(lambda: _check_folders(args))
     if problems:
@@ -141,48 +144,27 @@ def _check_publish(args: PipelineArguments, config: MatGPT2Config, plans: list[t
         check_hub_access(namespace)
 
 
-def _check_text_file(path: str | None, name: str, text_column: str) -> None:
-    """A local data file exists, is not empty, and its head is UTF-8 text (JSON objects with `text_column` for
-    JSON lines)."""
-    if path is None:
-        return
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{name}={path!r} does not exist; check the path.")
-    with open(file, "rb") as f:
-        head = f.read(_TEXT_HEAD_BYTES)
-    if not head.strip():
-        raise ValueError(f"{name}={path!r} is empty; give a file with text in it.")
-    if b"\x00" in head:
-        raise ValueError(f"{name}={path!r} is binary (it holds NUL bytes), not text; give a .txt or .jsonl file.")
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as error:
-        if len(head) < _TEXT_HEAD_BYTES or error.start < len(head) - 3:  # not just a character cut by the head's end
-            raise ValueError(f"{name}={path!r} is not UTF-8 text (byte {error.start}); convert it to UTF-8.") from None
-        text = head[: error.start].decode("utf-8")
-    if file.suffix in (".jsonl", ".json"):
-        first = next(line for line in text.splitlines() if line.strip())
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError as error:
-            message = f"{name}={path!r}: line 1 is not JSON ({error.msg}); give one JSON object per line."
-            raise ValueError(message) from None
-        if not isinstance(row, dict) or text_column not in row:
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"{name}={path!r}: line 1 has no {text_column!r} field ({keys}); set text_column.")
-
-
 def _check_teacher(args: PipelineArguments, vocab: int | None) -> None:
-    """The teacher's vocabulary and context against the run's, when the teacher is a local folder or is to be
-    pre-trained; a Hub id is checked for its form only (no network)."""
+    """The teacher's vocabulary and context against the run's, when the teacher is a local folder (with its weights) or
+    is to be pre-trained; a Hub id is checked for its form only (no network)."""
     path = args.training.teacher_model_name_or_path
     if path is None:
         return
     folder = Path(path)
-    if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
-        if not (folder / "config.json").is_file():
-            return  # a PEFT adapter: its base model is checked when it loads
+    if args.teacher.teacher_pretrain_config is not None and is_empty_folder(folder):  # to be pre-trained there
+        config = config_from_string(args.teacher.teacher_pretrain_config)
+        try:
+            check_block_size(args.data.block_size, config.n_positions)
+        except ValueError as error:
+            raise ValueError(f"the teacher to pre-train (teacher_pretrain_config): {error}") from None
+        return
+    try:
+        check_teacher_location(path)  # a missing folder, a mistyped path, a folder whose save did not complete
+    except FileNotFoundError as error:
+        if folder.exists():
+            raise
+        raise FileNotFoundError(f"{error} To pre-train a teacher there, set teacher_pretrain_config.") from None
+    if (folder / "config.json").is_file():
         config: PretrainedConfig = AutoConfig.from_pretrained(folder)
         if vocab is not None and config.vocab_size != vocab:
             raise ValueError(
@@ -195,23 +177,6 @@ def _check_teacher(args: PipelineArguments, vocab: int | None) -> None:
         except ValueError as error:
             raise ValueError(f"the teacher {path!r}: {error}") from None
         _check_same_tokenizer(args, folder)
-        return
-    if args.teacher.teacher_pretrain_config is not None:
-        config = config_from_string(args.teacher.teacher_pretrain_config)
-        try:
-            check_block_size(args.data.block_size, config.n_positions)
-        except ValueError as error:
-            raise ValueError(f"the teacher to pre-train (teacher_pretrain_config): {error}") from None
-        return
-    if folder.is_absolute() or path.startswith(".") or folder.exists():
-        raise FileNotFoundError(f"teacher_model_name_or_path={path!r} is not a model folder (no config.json).")
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        raise FileNotFoundError(
-            f"teacher_model_name_or_path={path!r} is neither a model folder nor a Hub id; to pre-train a teacher "
-            "there, set teacher_pretrain_config."
-        ) from None
 
 
 def _check_same_tokenizer(args: PipelineArguments, teacher: Path) -> None:
@@ -235,19 +200,10 @@ def _check_same_tokenizer(args: PipelineArguments, teacher: Path) -> None:
 
 def _check_folders(args: PipelineArguments) -> None:
     """The output folder must not be, or be inside, a folder the run reads: the teacher's or the tokenizer's."""
-    output_dir = Path(args.training.output_dir).resolve()
     reads = {"teacher_model_name_or_path": args.training.teacher_model_name_or_path}
     if args.model.model_name_or_path is None:
         reads["tokenizer_name_or_path"] = args.model.tokenizer_name_or_path
-    for name, value in reads.items():
-        if value is None:
-            continue
-        folder = Path(value).resolve()
-        if output_dir == folder or folder in output_dir.parents:
-            raise ValueError(
-                f"output_dir={args.training.output_dir!r} is {name}={value!r} or inside it: training would write over "
-                f"it; choose another output_dir."
-            )
+    check_output_dir(args.training.output_dir, reads)
 
 
 __all__ = ["check_run"]

@@ -13,18 +13,24 @@ def main(
     config_positional: bool = True,
 ) -> int:
     """Parse the arguments (`parse_args`) and run the pipeline (`run_pipeline`). A bad config or input ends with its
-    message and status 2, a Hub failure with status 1. `hf-matta run` takes the config as its first positional
-    argument, the recipe as `--config` (with `default_config` when it is not given)."""
-    from .arguments import parse_args
+    message and status 2, a Hub failure or a diverged training (a non-finite loss) with status 1. `hf-matta run` takes
+    the config as its first positional argument, the recipe as `--config` (with `default_config` when not given)."""
+    from .options import check_quickly
 
     try:
+        check_quickly(list(argv or []), prog, config_positional, default_config)  # --help and bad options, light
+        from .arguments import parse_args
+
         args = parse_args(argv, default_config, prog=prog, config_positional=config_positional)
         from .run import run_pipeline
 
         run_pipeline(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # a bad config or input; a missing, unreadable or full folder
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return 2
+    except FloatingPointError as error:  # training diverged (trainer.NonFiniteLossError); its checkpoint is kept
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        return 1
     except RuntimeError as error:
         from ..hub import PublishError
 

@@ -25,6 +25,14 @@ VALIDATION_TASK = "validation"  # the validation perplexity, shown as one more p
 _ROLE_ORDER = {"student": 0, "member": 1, "ta": 2, "baseline": 3, "teacher": 4}
 
 
+def shareable_path(path: str | os.PathLike | None) -> str | None:
+    """A path as a file meant to be read elsewhere may hold it: as given when relative, else only its last part (an
+    absolute path names this machine's folders, and often its user)."""
+    if path is None:
+        return None
+    return str(path) if not Path(path).is_absolute() else Path(path).name
+
+
 def source_commit(*paths: str | os.PathLike) -> str | None:
     """The short git commit of the checkout hf_matta runs from, noting uncommitted changes to the package or to
     `paths` (relative to the checkout's root); None outside a git checkout (an installed wheel)."""
@@ -123,7 +131,8 @@ def report_stage(run) -> dict:
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; hf_matta {__version__} "
         f"(commit {source_commit() or 'unknown'}); {train['processes']} training process(es) "
         f"({train['distributed_type']}); {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}. "
-        f"Config `{config}`; everything below is in `{output_dir}` (the numbers come from the JSON files there).",
+        f"Config `{shareable_path(config)}`; everything below is in `{shareable_path(output_dir)}` (the numbers come "
+        "from the JSON files there).",
         "",
         "## Models",
         "",
@@ -198,7 +207,7 @@ def _training_lines(outputs: dict) -> list[str]:
     teacher = outputs["teacher"]
     if teacher["teacher"] is not None:
         how = "pre-trained by this run" if teacher["pretrained"] else "used as it was"
-        lines.append(f"Teacher `{teacher['teacher']}`, {how}.")
+        lines.append(f"Teacher `{shareable_path(teacher['teacher'])}`, {how}.")
     return lines
 
 
@@ -217,4 +226,4 @@ def _time_lines(run) -> list[str]:
     return lines
 
 
-__all__ = ["provenance", "report_rows", "report_stage", "source_commit", "write_section"]
+__all__ = ["provenance", "report_rows", "report_stage", "shareable_path", "source_commit", "write_section"]

@@ -50,6 +50,7 @@ from ..data import (
 )
 from ..extract import (
     extract_student,
+    load_nested_model,
     finish_saved_folder,
     mix_n_match,
     save_student,
@@ -63,6 +64,7 @@ from ..models import MatGPT2Config, MatGPT2LMHeadModel
 from ..trainer import MatTATrainer, load_teacher
 from ..widths import check_budgets, check_plan, count_parameters, format_plan, parse_budget, parse_plan, plan_name
 from .arguments import ExtractArguments, ModelArguments, PipelineArguments
+from .report import shareable_path
 
 
 SUMMARY_FILE = "matta_summary.json"
@@ -347,7 +349,7 @@ def _summary(trainer, config, data_args, config_path, train_metrics, final_metri
     if config.mat_widths[-1] != config.student_width:  # a baseline has no TA
         widths["TA"] = config.mat_widths[-1]
     return {
-        "config": config_path,
+        "config": shareable_path(config_path),
         "widths": {
             name: {
                 "ffn_width": width,
@@ -371,7 +373,7 @@ def _summary(trainer, config, data_args, config_path, train_metrics, final_metri
         "tokens_per_second": tokens / train_metrics["train_runtime"],
         "train_seconds": train_metrics["train_runtime"],
         "total_seconds": time.perf_counter() - start,
-        "checkpoint": str(args.output_dir),
+        "checkpoint": shareable_path(args.output_dir),
     }
 
 
@@ -461,7 +463,7 @@ def student_role(config: MatGPT2Config, widths: tuple[int, ...]) -> str:
 
 def extract_stage(run: Run) -> dict:
     """One standalone student per plan under `output_dir/students/<plan name>/`, each written atomically."""
-    model = MatGPT2LMHeadModel.from_pretrained(run.output_dir).eval()
+    model = load_nested_model(run.output_dir)  # a corrupted weights file or non-finite weights are named
     config = model.config
     tokenizer = load_tokenizer(run.output_dir)
     students = []
