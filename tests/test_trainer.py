@@ -447,3 +447,17 @@ def test_teacher_from_a_path_or_a_peft_adapter(tmp_path, teacher):
         )
         assert isinstance(trainer.teacher, GPT2LMHeadModel)  # the adapter is merged
         torch.testing.assert_close(trainer._teacher_logits({"input_ids": input_ids}), expected[source])
+
+
+def test_the_ta_runs_at_full_width_whatever_the_default_plan(tmp_path):
+    """A nested checkpoint may serve a narrower plan by default (config.ffn_widths); training still runs its TA."""
+    model = _student()
+    model.config.ffn_widths = 16
+    trainer = _trainer(tmp_path, model=model)
+    batch = _collate(_sequences(4))
+    _, logits = trainer.matta_loss(trainer.model, batch)
+    with torch.no_grad():
+        full = model(batch["input_ids"], attention_mask=batch["attention_mask"], ffn_widths=64).logits
+        served = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits[64].detach(), full)
+    assert (served - full).abs().max() > 1e-4

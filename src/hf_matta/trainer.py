@@ -453,7 +453,7 @@ class MatTATrainer(Trainer):
         if run_ta:
             # A TA that is only a detached distillation target needs no graph.
             with torch.set_grad_enabled(torch.is_grad_enabled() and (ta_trained or not args.detach_ta_targets)):
-                logits[ta_width] = model(**model_inputs, use_cache=False).logits
+                logits[ta_width] = model(**model_inputs, ffn_widths=ta_width, use_cache=False).logits
         teacher_logits = None
         if self.teacher is not None and args.teacher_weight > 0:
             teacher_logits = self._teacher_logits(model_inputs)
