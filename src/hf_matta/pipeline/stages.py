@@ -422,8 +422,9 @@ def _teaching_lines(summary: dict) -> list[str]:
         f"the TA is not clearly ahead of its student ({100 * lead:.1f} % lower perplexity, goal "
         f"{100 * TA_LEAD_GOAL:.0f} %)" + (": its extra neurons repeat the student's direction" if redundant else "")
         + f". With {tokens_per_parameter:.1f} training tokens per student parameter the student is not short of "
-        "capacity and distillation hands it what the TA learnt; benchmarks/RESULTS.md (quality.py) measures where a "
-        "TA leads",
+        "capacity and distillation hands it what the TA learnt. A TA leads only where a model of its size alone "
+        "clearly beats one of the student's after the same tokens: benchmarks/RESULTS.md (quality.py) found no such "
+        "regime at CPU scale",
     ]
 
 
