@@ -288,6 +288,8 @@ def test_report_numbers_are_the_json_files(tiny_run):
         assert rows[student["name"]][6].startswith(f"{acc:.4f} ± ")
     for stage in STAGES[:-1]:
         assert f"| {stage} | {read_record(out, stage)['completed']} |" in report
+    kl = json.loads((out / "matta_summary.json").read_text())["diagnostics"]["kl_ta_student"]
+    assert f"Is the TA teaching? KL(TA || student) {kl:.4f} nats/token" in report
 
 
 def test_dry_run_writes_one_repo_per_student_whose_card_holds_its_results(tiny_run):

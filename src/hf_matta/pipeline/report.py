@@ -203,12 +203,43 @@ def _training_lines(outputs: dict) -> list[str]:
         "",
         f"{summary['steps']} steps, {summary['train_tokens']:,} tokens at {summary['tokens_per_second']:,.0f} "
         f"tokens/s, final train loss {summary['train_loss']:.4f}.",
+        *(f"{line[0].upper()}{line[1:]}." for line in teaching_lines(summary)),
     ]
     teacher = outputs["teacher"]
     if teacher["teacher"] is not None:
         how = "pre-trained by this run" if teacher["pretrained"] else "used as it was"
         lines.append(f"Teacher `{shareable_path(teacher['teacher'])}`, {how}.")
     return lines
+
+
+TA_LEAD_GOAL = 0.05  # "clearly ahead": the TA's validation perplexity at least 5 % below its student's
+
+
+def teaching_lines(summary: dict) -> list[str]:
+    """Whether the TA is teaching anything: the collapse diagnostics, and what it means when the TA does not lead."""
+    found, widths = summary.get("diagnostics") or {}, summary["widths"]
+    ends = [row["end_ppl"] for row in widths.values()]
+    if "kl_ta_student" not in found or "TA" not in widths or None in ends:
+        return []  # a baseline (no TA), or no validation split
+    lead = 1 - widths["TA"]["end_ppl"] / widths["student"]["end_ppl"]
+    lines = [
+        f"is the TA teaching? KL(TA || student) {found['kl_ta_student']:.4f} nats/token; its extra FFN neurons' "
+        f"output against the student neurons' (mean over layers): cosine {found['ffn_cos']:.2f}, centred "
+        f"{found['ffn_centered_cos']:.2f}, norm ratio {found['ffn_norm_ratio']:.2f}",
+    ]
+    if lead >= TA_LEAD_GOAL:
+        return [*lines, f"the TA leads its student by {100 * lead:.1f} % lower perplexity: the family is elastic"]
+    redundant = found["ffn_centered_cos"] > 0.5
+    tokens_per_parameter = summary["train_tokens"] / widths["student"]["parameters"]
+    return [
+        *lines,
+        f"the TA is not clearly ahead of its student ({100 * lead:.1f} % lower perplexity, goal "
+        f"{100 * TA_LEAD_GOAL:.0f} %)" + (": its extra neurons repeat the student's direction" if redundant else "")
+        + f". With {tokens_per_parameter:.1f} training tokens per student parameter the student is not short of "
+        "capacity and distillation hands it what the TA learnt. A TA leads only where a model of its size alone "
+        "clearly beats one of the student's after the same tokens: benchmarks/RESULTS.md (quality.py) found no such "
+        "regime at CPU scale",
+    ]
 
 
 def _time_lines(run) -> list[str]:

@@ -64,7 +64,7 @@ from ..models import MatGPT2Config, MatGPT2LMHeadModel
 from ..trainer import MatTATrainer, load_teacher
 from ..widths import check_budgets, check_plan, count_parameters, format_plan, parse_budget, parse_plan, plan_name
 from .arguments import ExtractArguments, ModelArguments, PipelineArguments
-from .report import shareable_path
+from .report import shareable_path, teaching_lines
 
 
 SUMMARY_FILE = "matta_summary.json"
@@ -387,7 +387,7 @@ def format_summary(summary: dict, title: str = "MatTA") -> str:
     for name, row in summary["widths"].items():
         label = f"{name} (FFN {row['ffn_width']}, {row['parameters'] / 1e6:.2f}M params)"
         lines.append(f"  {label:<38}{cell(row['start_ppl'])}{cell(row['end_ppl'])}{cell(row['end_loss'])}")
-    lines += _teaching_lines(summary)
+    lines += teaching_lines(summary)
     lines += [
         f"steps {summary['steps']} on {summary['processes']} process(es) ({summary['distributed_type']}), "
         f"{summary['train_tokens']:,} tokens in {summary['train_seconds']:.1f} s "
@@ -396,36 +396,6 @@ def format_summary(summary: dict, title: str = "MatTA") -> str:
         f"model and tokenizer saved to {summary['checkpoint']}",
     ]
     return "\n".join(lines)
-
-
-TA_LEAD_GOAL = 0.05  # "clearly ahead": the TA's validation perplexity at least 5 % below its student's
-
-
-def _teaching_lines(summary: dict) -> list[str]:
-    """Whether the TA is teaching anything: the collapse diagnostics, and what it means when the TA does not lead."""
-    found, widths = summary.get("diagnostics") or {}, summary["widths"]
-    ends = [row["end_ppl"] for row in widths.values()]
-    if "kl_ta_student" not in found or "TA" not in widths or None in ends:
-        return []  # a baseline (no TA), or no validation split
-    lead = 1 - widths["TA"]["end_ppl"] / widths["student"]["end_ppl"]
-    lines = [
-        f"is the TA teaching? KL(TA || student) {found['kl_ta_student']:.4f} nats/token; its extra FFN neurons' "
-        f"output against the student neurons' (mean over layers): cosine {found['ffn_cos']:.2f}, centred "
-        f"{found['ffn_centered_cos']:.2f}, norm ratio {found['ffn_norm_ratio']:.2f}",
-    ]
-    if lead >= TA_LEAD_GOAL:
-        return [*lines, f"the TA leads its student by {100 * lead:.1f} % lower perplexity: the family is elastic"]
-    redundant = found["ffn_centered_cos"] > 0.5
-    tokens_per_parameter = summary["train_tokens"] / widths["student"]["parameters"]
-    return [
-        *lines,
-        f"the TA is not clearly ahead of its student ({100 * lead:.1f} % lower perplexity, goal "
-        f"{100 * TA_LEAD_GOAL:.0f} %)" + (": its extra neurons repeat the student's direction" if redundant else "")
-        + f". With {tokens_per_parameter:.1f} training tokens per student parameter the student is not short of "
-        "capacity and distillation hands it what the TA learnt. A TA leads only where a model of its size alone "
-        "clearly beats one of the student's after the same tokens: benchmarks/RESULTS.md (quality.py) found no such "
-        "regime at CPU scale",
-    ]
 
 
 # --- extract -------------------------------------------------------------------------------------------------------
