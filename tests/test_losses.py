@@ -1,6 +1,7 @@
 """The MatTA loss terms against closed forms (TRL's generalized_jsd_loss tests): identical logits give 0, a zero
 weight removes a term, no teacher and no TA give GPT-2's own loss, masked tokens do not count, chunked equals
-unchunked in values and gradients."""
+unchunked in values and gradients, compiled equals eager, and a top-k teacher's KL is the KL over its k tokens and
+one bucket for the rest."""
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_matta.losses import (
     IGNORE_INDEX,
+    TopKLogProbs,
+    compile_supported,
     count_valid_tokens,
     cross_entropy,
     kl_divergence,
@@ -160,12 +163,20 @@ def test_masked_tokens_do_not_count(labels, chunk_size):
     torch.testing.assert_close(summed, loss * n)
 
 
+def _teacher(kind: str | None, temperature: float = 1.5) -> torch.Tensor | TopKLogProbs | None:
+    """No teacher, a teacher's logits, or its top-8 log-probabilities at `temperature`."""
+    if kind is None:
+        return None
+    logits = torch.randn(B, T, VOCAB)
+    return logits if kind == "full" else TopKLogProbs.from_logits(logits, 8, temperature)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
 @pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("with_teacher", [True, False])
+@pytest.mark.parametrize("with_teacher", ["full", "top_k", None])
 def test_chunked_equals_unchunked(labels, chunk_size, detach, with_teacher):
     student, ta, extra = _logits(3, dtype=torch.float32)
-    teacher = torch.randn(B, T, VOCAB) if with_teacher else None
+    teacher = _teacher(with_teacher)
     kwargs = dict(
         ta_logits=ta, teacher_logits=teacher, extra_logits={48: extra}, student_weight=0.8, ta_weight=1.2,
         distill_weight=0.5, distill_temperature=2.0, teacher_weight=0.3, teacher_temperature=1.5,
@@ -206,3 +217,82 @@ def test_bad_chunk_size_is_refused(labels):
     (z,) = _logits()
     with pytest.raises(ValueError, match="chunk_size=0"):
         cross_entropy(z, labels, chunk_size=0)
+
+
+def _coarse_kl(teacher_logits, logits, labels, k, tau):
+    """The KL over the teacher's top-k tokens and one bucket for the rest, written out: both distributions are
+    grouped into k + 1 outcomes, then KL(p~ || q~) = sum p~ log(p~ / q~), times tau^2, a mean over valid tokens."""
+    p, q = torch.softmax(teacher_logits / tau, -1), torch.softmax(logits / tau, -1)
+    top = p.topk(k, dim=-1).indices
+    p_k, q_k = p.gather(-1, top), q.gather(-1, top)
+    p_coarse = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)  # (B, T, k + 1)
+    q_coarse = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    rows = (p_coarse * (p_coarse / q_coarse).log()).sum(-1)
+    valid = shift_labels(labels).ne(IGNORE_INDEX)
+    return tau**2 * rows[valid].sum() / valid.sum()
+
+
+@pytest.mark.parametrize("k", [1, 8, 50])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_top_k_teacher_kl_is_the_kl_over_k_tokens_and_a_tail_bucket(labels, k, tau, chunk_size):
+    teacher_logits, student = _logits(2)
+    teacher_logits = teacher_logits.detach() * 3  # a peaked teacher: its top k hold most of its mass
+    top_k = TopKLogProbs.from_logits(teacher_logits, k, tau)
+    expected = _coarse_kl(teacher_logits, student, labels, k, tau)
+    got = kl_divergence(top_k, student, labels, temperature=tau, chunk_size=chunk_size)
+    torch.testing.assert_close(got, expected)
+    # the gradient reaching the student is the written-out KL's (closed form when chunked, autograd when not)
+    torch.testing.assert_close(torch.autograd.grad(got, student)[0], torch.autograd.grad(expected, student)[0])
+    # grouping outcomes can only lower a KL: the top-k KL is at most the full one
+    assert got.item() <= kl_divergence(teacher_logits, student, labels, temperature=tau, chunk_size=None).item()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_top_k_teacher_with_every_token_is_the_full_kl(labels, chunk_size):
+    teacher_logits, student = _logits(2)
+    top_k = TopKLogProbs.from_logits(teacher_logits.detach(), VOCAB, 2.0)
+    full = kl_divergence(teacher_logits.detach(), student, labels, temperature=2.0, chunk_size=None)
+    got = kl_divergence(top_k, student, labels, temperature=2.0, chunk_size=chunk_size)
+    torch.testing.assert_close(got, full)
+    torch.testing.assert_close(torch.autograd.grad(got, student)[0], torch.autograd.grad(full, student)[0])
+
+
+def test_top_k_teacher_needs_its_own_temperature_and_a_valid_k(labels):
+    teacher_logits, student = _logits(2)
+    top_k = TopKLogProbs.from_logits(teacher_logits, 4, temperature=1.0)
+    with pytest.raises(ValueError, match="at temperature 1.0, but the KL is asked at teacher_temperature=2.0"):
+        matta_loss(student, labels, teacher_logits=top_k, teacher_temperature=2.0)
+    with pytest.raises(ValueError, match=f"k=0 must be between 1 and the vocabulary size {VOCAB}"):
+        TopKLogProbs.from_logits(teacher_logits, 0)
+
+
+COMPILED_CASES = [  # every kind of term: CE, teacher KL (full or top-k) at tau != 1, distillation into extra widths
+    dict(teacher="full", detach_ta_targets=False, extra=True),
+    dict(teacher="top_k", detach_ta_targets=True, extra=False),
+]
+
+
+@pytest.mark.skipif(not compile_supported(), reason="torch.compile does not run on this Python")
+@pytest.mark.parametrize("case", COMPILED_CASES)
+def test_compiled_loss_equals_the_eager_loss(labels, case):
+    """The compiled per-chunk function (torch.compile, seconds to build) gives the eager one's values and
+    gradients, whatever the weights (a tensor, not baked into the compiled graph)."""
+    student, ta, extra = _logits(3, dtype=torch.float32)
+    teacher = _teacher(case["teacher"])
+    for student_weight in (0.8, 0.3):  # a schedule's changing weight: the same compiled graph
+        kwargs = dict(
+            ta_logits=ta, teacher_logits=teacher, extra_logits={48: extra} if case["extra"] else None,
+            student_weight=student_weight, ta_weight=1.2, distill_weight=0.5, distill_temperature=2.0,
+            teacher_weight=0.3, teacher_temperature=1.5, detach_ta_targets=case["detach_ta_targets"],
+            num_items=torch.tensor(17), chunk_size=5,
+        )  # fmt: skip
+        eager = matta_loss(student, labels, compiled=False, **kwargs)
+        compiled = matta_loss(student, labels, compiled=True, **kwargs)
+        torch.testing.assert_close(compiled.total, eager.total, atol=1e-6, rtol=1e-6)
+        for name in eager.terms:
+            torch.testing.assert_close(compiled.terms[name], eager.terms[name], atol=1e-6, rtol=1e-6)
+        inputs = [student, ta, extra] if case["extra"] else [student, ta]
+        grads = torch.autograd.grad(compiled.total, inputs), torch.autograd.grad(eager.total, inputs)
+        for got, expected in zip(*grads):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)

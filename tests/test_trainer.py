@@ -236,17 +236,75 @@ def test_gradient_accumulation_does_not_change_the_step(tmp_path, teacher, setti
         torch.testing.assert_close(params[2][name], params[1][name], atol=1e-5, rtol=0)
 
 
+BACKWARD_CASES = [  # (MatTA settings, gradient_accumulation_steps, dropout)
+    (dict(), 1, 0.0),
+    (dict(extra_widths="all", teacher_weight=0.5, distill_temperature=2.0, distill_weight=0.7), 1, 0.0),
+    (dict(extra_widths="all", teacher_weight=0.5, teacher_temperature=2.0), 2, 0.0),
+    (dict(loss_chunk_size=0, teacher_weight=1.0, ta_weight=2.0), 2, 0.0),
+    (dict(teacher_weight=0.5), 2, 0.1),  # dropout: both steps run the TA first, so they draw the same masks
+]
+
+
+@pytest.mark.parametrize("settings,accumulation,dropout", BACKWARD_CASES)
+def test_ta_backward_first_takes_the_one_backward_step(tmp_path, teacher, settings, accumulation, dropout):
+    """The TA's terms and backward first, then the student's against the TA's detached logits: the step that one
+    backward of the whole objective takes (weights after an SGD step, logged loss), with two backwards per
+    micro-batch instead of one."""
+    data = _sequences(8, min_len=3, max_len=16, seed=3)  # padded: micro-batches hold different token counts
+    params, backwards, losses = {}, {}, {}
+    for first in (True, False):
+        torch.manual_seed(0)
+        model = MatGPT2LMHeadModel(MatGPT2Config(**tiny_kwargs(mat_widths=[16, 32, 64], resid_pdrop=dropout)))
+        trainer = _trainer(
+            tmp_path / str(first), model=model, teacher=teacher, data=data, optim="sgd", learning_rate=0.5,
+            max_steps=1, max_grad_norm=0.0, per_device_train_batch_size=8 // accumulation,
+            gradient_accumulation_steps=accumulation, ta_backward_first=first, **settings,
+        )  # fmt: skip
+        calls = []
+        backward = trainer.accelerator.backward
+        trainer.accelerator.backward = lambda loss, **kwargs: (calls.append(loss.item()), backward(loss, **kwargs))
+        trainer.train()
+        backwards[first] = len(calls)
+        losses[first] = trainer.state.log_history[-1]["train_loss"]
+        params[first] = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    assert backwards == {True: 2 * accumulation, False: accumulation}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    initial = dict(_student().named_parameters())
+    assert any(not torch.allclose(params[True][name], initial[name]) for name in initial)
+    for name in params[True]:
+        torch.testing.assert_close(params[True][name], params[False][name], atol=1e-6, rtol=0)
+
+
 DDP_SCRIPT = """
 import os, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from transformers import TrainerCallback
 from tests.test_trainer import _data_parallel_trainer
-trainer = _data_parallel_trainer({out!r}, batch=4)
-trainer.train()
+
+class CountAllReduces(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.calls = trainer, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        def hook(process_group, bucket):
+            self.calls += 1
+            return allreduce_hook(process_group, bucket)
+        self.trainer.model_wrapped.register_comm_hook(None, hook)
+
+results = {{}}
+for first in (True, False):  # 2 processes x 2 micro-batches of 2 sequences
+    trainer = _data_parallel_trainer(os.path.join({out!r}, str(first)), batch=2, gradient_accumulation_steps=2,
+                                     ta_backward_first=first)
+    counter = CountAllReduces(trainer)
+    trainer.add_callback(counter)
+    trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel" and trainer.args.world_size == 2
+    results[first] = dict(params=dict(trainer.model.named_parameters()), all_reduces=counter.calls)
 if trainer.args.process_index == 0:
-    assert trainer.args.world_size == 2
-    torch.save(dict(trainer.model.named_parameters()), os.path.join({out!r}, "params.pt"))
+    torch.save(results, os.path.join({out!r}, "results.pt"))
 sys.stdout.flush()
 os._exit(0)  # torch.distributed's CPU teardown sometimes aborts after a clean run
 """
@@ -263,49 +321,68 @@ def _data_parallel_trainer(out, batch: int, **overrides) -> MatTATrainer:
     )
 
 
-@pytest.mark.slow  # about 30 s: two processes start torch and transformers
+@pytest.mark.slow  # about 40 s: two processes start torch and transformers
 def test_data_parallelism_does_not_change_the_step(tmp_path):
-    """2 processes x 4 sequences (DDP over gloo) take the step that 1 process x 8 sequences takes."""
+    """2 processes x 2 micro-batches x 2 sequences (DDP over gloo) take the step that 1 process x 8 sequences takes,
+    with the TA's backward first or one backward, and synchronise gradients as often either way (the TA's backward
+    runs under no_sync)."""
     root = str(Path(__file__).resolve().parents[1])
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(root=root, out=str(tmp_path)))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    data_parallel = torch.load(tmp_path / "params.pt")
+    results = torch.load(tmp_path / "results.pt")
+    assert results[True]["all_reduces"] == results[False]["all_reduces"] > 0, results
     trainer = _data_parallel_trainer(tmp_path / "single", batch=8)
     trainer.train()
     for name, value in trainer.model.named_parameters():
-        torch.testing.assert_close(data_parallel[name], value.detach(), atol=1e-5, rtol=0)
+        for first in (True, False):
+            torch.testing.assert_close(results[first]["params"][name], value.detach(), atol=1e-5, rtol=0)
 
 
 DEEPSPEED_SCRIPT = """
 import os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29544")
-import torch
+import deepspeed, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from tests.test_trainer import _data_parallel_trainer
-deepspeed = {{"zero_optimization": {{"stage": {stage}}}, "train_micro_batch_size_per_gpu": "auto",
-             "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}}
-trainer = _data_parallel_trainer({out!r}, batch=4, optim="adamw_torch", max_steps=2, logging_steps=1,
-                                 deepspeed=deepspeed)
-trainer.train()
-print("TEACHER", type(trainer.teacher).__name__, sorted(trainer.state.log_history[0]))
+config = {{"zero_optimization": {{"stage": {stage}}}, "train_micro_batch_size_per_gpu": "auto",
+          "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_allow_untested_optimizer": True}}
+results = {{}}
+for first in (True, False):
+    trainer = _data_parallel_trainer(os.path.join({out!r}, str(first)), batch=4, gradient_accumulation_steps=2,
+                                     logging_steps=1, deepspeed=config, ta_backward_first=first)
+    trainer.train()
+    with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):  # ZeRO-3 partitions them
+        params = {{name: p.detach().clone() for name, p in trainer.model.named_parameters()}}
+    results[first] = dict(params=params, optimizer_steps=trainer.deepspeed.global_steps,
+                          teacher=type(trainer.teacher).__name__, logged=sorted(trainer.state.log_history[0]))
+torch.save(results, os.path.join({out!r}, "results.pt"))
 sys.stdout.flush()
 os._exit(0)
 """
 
 
-@pytest.mark.slow  # about 35 s each: DeepSpeed starts and builds an op on first use
+@pytest.mark.slow  # about 40 s each: DeepSpeed starts and builds an op on first use
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_runs_the_teacher_as_an_inference_engine(tmp_path, stage):
+def test_deepspeed_takes_the_one_backward_step_and_runs_the_teacher_as_an_engine(tmp_path, stage):
+    """Under ZeRO-2/3 (one process, 2 micro-batches), the TA's backward first takes the one-backward step, and
+    DeepSpeed steps its optimizer once (not after the TA's backward); the teacher is a DeepSpeed inference engine."""
     root = str(Path(__file__).resolve().parents[1])
     script = DEEPSPEED_SCRIPT.format(root=root, out=str(tmp_path), stage=stage)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("TEACHER"))
-    assert line.startswith("TEACHER DeepSpeedEngine") and "'loss_distill'" in line and "'loss_student'" in line
+    results = torch.load(tmp_path / "results.pt")
+    for first in (True, False):
+        assert results[first]["optimizer_steps"] == 1 and results[first]["teacher"] == "DeepSpeedEngine"
+        assert {"loss_distill", "loss_student", "loss_ta"} <= set(results[first]["logged"])
+    initial = dict(_student().named_parameters())
+    assert any(not torch.allclose(results[True]["params"][name], initial[name]) for name in initial)
+    for name, value in results[False]["params"].items():
+        torch.testing.assert_close(results[True]["params"][name], value, atol=1e-6, rtol=0)
 
 
 def test_step_loss_is_gpt2s_own_loss_without_teacher_or_ta(tmp_path):

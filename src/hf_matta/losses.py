@@ -19,9 +19,22 @@ Conventions shared by every function here:
   time and each chunk's gradient with respect to the logits is computed at once and written into one buffer per
   trained model, so at most one chunk's vocabulary-sized intermediates exist at any time, backward included
   (`benchmarks/loss_memory.md` measures it). `None` is the plain autograd computation, the reference.
+- `compiled=True` runs each chunk's closed-form function through `torch.compile`, which fuses its elementwise passes
+  over the vocabulary (same values and gradients; `benchmarks/step_cost.py` measures where it is faster). Where
+  compilation is unavailable it falls back, with a warning, to the eager function, which stays the reference.
+- A teacher may be given as its top-k tokens only (`TopKLogProbs`, e.g. read from a cache of a one-time teacher pass,
+  `hf_matta.teacher_cache`). Its KL keeps the rest of the vocabulary as one bucket ("tail") holding the mass the k
+  tokens leave: KL(p~ || q~) over k + 1 outcomes, p~ = (p_1..p_k, 1 - sum p_i), q~ = (q_1..q_k, 1 - sum q_i) at the
+  same k tokens. We keep the tail rather than renormalise p over the k tokens because renormalising tells the student
+  that the k tokens hold all the mass: where the teacher is unsure (a top-64 of 50257 tokens that covers 40 % of its
+  mass) it would teach the student to be 2.5x more confident than the teacher is, and it leaves the mass the student
+  puts outside the k tokens unconstrained. With the tail bucket the loss is a true KL (>= 0, 0 only when the student
+  matches the teacher on the k tokens and on the rest's total), it never exceeds the full KL (grouping outcomes can
+  only lower a KL), and it is the full KL when the k tokens hold all of the teacher's mass (k = V).
 """
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +60,26 @@ def count_valid_tokens(labels: torch.LongTensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class TopKLogProbs:
+    """A teacher's distribution kept as its `k` most likely tokens per position (the module docstring says how the
+    KL treats the rest of the vocabulary): `indices` `(..., T, k)` and their `log_probs` `(..., T, k)`, the log of
+    softmax(z / `temperature`) at those tokens."""
+
+    indices: torch.Tensor
+    log_probs: torch.Tensor
+    temperature: float = 1.0
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int, temperature: float = 1.0) -> "TopKLogProbs":
+        """The top-`k` log-probabilities of `logits` `(..., V)` at `temperature` (computed in fp32 at least)."""
+        if not 1 <= k <= logits.size(-1):
+            raise ValueError(f"k={k} must be between 1 and the vocabulary size {logits.size(-1)}.")
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (..., V)
+        values, indices = z.topk(k, dim=-1)  # (..., k), most likely first
+        return cls(indices, values - z.logsumexp(-1, keepdim=True), temperature)
+
+
+@dataclass(frozen=True)
 class _Term:
     """One atomic term on the stacked logits: CE(labels, logits[model]) when `target` is None, else
     KL_temperature(logits[target] || logits[model]); `share` is its coefficient inside its reported term."""
@@ -58,7 +91,27 @@ class _Term:
     share: float = 1.0
 
 
-def _term_sums(logits: Sequence[torch.Tensor | None], targets: torch.Tensor, terms: Sequence[_Term]) -> torch.Tensor:
+# The stacked inputs of the functions below: one entry per model, None (absent), logits (n, V) or, for a top-k teacher,
+# the pair (indices, log-probabilities), (n, k) each.
+_Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _top_k_kl_rows(
+    log_q: torch.Tensor, indices: torch.Tensor, log_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """KL(p~ || q~) per row for a top-k teacher with its tail bucket, `(r, 1)`, with the student's tail log-mass
+    `(r, 1)` (None when k = V: no tail) and the teacher's tail mass `(r, 1)`. `log_q` `(r, V)` is the student's
+    log-probabilities; `indices` and `log_p` `(r, k)` the teacher's tokens and log-probabilities."""
+    p = log_p.exp()  # (r, k)
+    kl = torch.where(p > 0, p * (log_p - log_q.gather(-1, indices)), 0.0).sum(-1, keepdim=True)  # (r, 1)
+    tail_p = (1 - p.sum(-1, keepdim=True)).clamp(min=0)  # (r, 1)
+    if indices.size(-1) == log_q.size(-1):
+        return kl, None, tail_p
+    log_q_tail = log_q.scatter(-1, indices, float("-inf")).logsumexp(-1, keepdim=True)  # (r, 1)
+    return kl + torch.xlogy(tail_p, tail_p) - tail_p * log_q_tail, log_q_tail, tail_p
+
+
+def _term_sums(logits: Sequence[_Logits], targets: torch.Tensor, terms: Sequence[_Term]) -> torch.Tensor:
     """Each term summed over valid rows, `(len(terms),)`: logits `(n, V)` each, `targets` the shifted labels `(n,)`.
 
     Computed in fp32 at least, whatever the logits' dtype; log-softmaxes are shared between terms of one call.
@@ -79,32 +132,42 @@ def _term_sums(logits: Sequence[torch.Tensor | None], targets: torch.Tensor, ter
             sums.append(F.nll_loss(log_softmax(term.model, 1.0), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
             continue
         tau = term.temperature
-        log_p = log_softmax(term.target, tau)  # (n, V), the distribution taught
-        if term.detach_target:
-            log_p = log_p.detach()
         log_q = log_softmax(term.model, tau)  # (n, V), the model that learns it
-        # kl_div keeps only its inputs for backward, where exp(log_p) * (log_p - log_q) would keep two more (n, V)
-        kl_rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (n,)
+        if isinstance(logits[term.target], tuple):  # a top-k teacher
+            indices, log_p = logits[term.target]
+            kl_rows = _top_k_kl_rows(log_q, indices, log_p.to(log_q.dtype))[0].squeeze(-1)  # (n,)
+        else:
+            log_p = log_softmax(term.target, tau)  # (n, V), the distribution taught
+            if term.detach_target:
+                log_p = log_p.detach()
+            # kl_div keeps only its inputs for backward, where exp(log_p) * (log_p - log_q) would keep two more (n, V)
+            kl_rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (n,)
         sums.append(tau**2 * torch.where(valid, kl_rows, 0.0).sum())
     return torch.stack(sums)
 
 
 @torch.no_grad()
 def _chunk_sums_and_grads(
-    logits: Sequence[torch.Tensor | None],
+    logits: Sequence[_Logits],
     targets: torch.Tensor,
     terms: Sequence[_Term],
-    weights: Sequence[float],
-    needs_grad: Sequence[bool],
+    weights: torch.Tensor,
+    grad_terms: tuple[bool, ...],
+    needs_grad: tuple[bool, ...],
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """`_term_sums` of one chunk of rows and the gradient of `sum(weights * sums)` with respect to every logits
-    tensor in `needs_grad`, in closed form, with no autograd graph. With q = softmax(z / tau), p = softmax(z_t / tau):
+    tensor in `needs_grad`, in closed form, with no autograd graph; only the terms in `grad_terms` (those of nonzero
+    weight) contribute to it. With q = softmax(z / tau), p = softmax(z_t / tau):
 
         d/dz CE(y, z)             = softmax(z) - onehot(y)
         d/dz tau^2 KL(p || q)     = tau (q - p)
         d/dz_t tau^2 KL(p || q)   = tau p (log p - log q - KL)          (only when the target is not detached)
+        d/dz tau^2 KL(p~ || q~)   = tau (q - p^)                        (a top-k teacher with its tail bucket)
 
-    One log-softmax per model and temperature serves every term's value and gradient (fp32 at least).
+    where p^ is p on the teacher's k tokens and, on the others, the tail mass spread as the student spreads its own
+    tail (q_j (1 - sum p_i) / (1 - sum q_i)). One log-softmax per model and temperature serves every term's value and
+    gradient (fp32 at least). This is the function `compiled=True` compiles: weights are a tensor, so that a changing
+    schedule weight does not trigger a recompilation.
     """
     valid = targets.ne(IGNORE_INDEX).unsqueeze(-1)  # (r, 1)
     safe_targets = targets.clamp(min=0).unsqueeze(-1)  # (r, 1)
@@ -121,27 +184,86 @@ def _chunk_sums_and_grads(
         grads[index] = grad if grads[index] is None else grads[index].add_(grad)
 
     sums = []
-    for term, weight in zip(terms, weights):
+    for i, term in enumerate(terms):
+        grad_model = grad_terms[i] and needs_grad[term.model]
         if term.target is None:
             log_q = log_softmax(term.model, 1.0)
             sums.append(-torch.where(valid, log_q.gather(-1, safe_targets), 0.0).sum())
-            if weight != 0 and needs_grad[term.model]:
+            if grad_model:
                 grad = log_q.exp().scatter_add_(-1, safe_targets, torch.full_like(safe_targets, -1, dtype=log_q.dtype))
-                add_grad(term.model, grad.mul_(weight))
+                add_grad(term.model, grad.mul_(weights[i]))
             continue
         tau = term.temperature
-        log_p, log_q = log_softmax(term.target, tau), log_softmax(term.model, tau)
+        log_q = log_softmax(term.model, tau)
+        if isinstance(logits[term.target], tuple):  # a top-k teacher
+            indices, log_p = logits[term.target]
+            log_p = log_p.to(log_q.dtype)
+            kl_rows, log_q_tail, tail_p = _top_k_kl_rows(log_q, indices, log_p)
+            sums.append(tau**2 * torch.where(valid, kl_rows, 0.0).sum())
+            if grad_model:
+                p_hat = torch.zeros_like(log_q) if log_q_tail is None else (log_q - log_q_tail).exp_().mul_(tail_p)
+                p_hat.scatter_(-1, indices, log_p.exp())  # (r, V)
+                add_grad(term.model, log_q.exp().sub_(p_hat).mul_(weights[i] * tau))
+            continue
+        log_p = log_softmax(term.target, tau)
         p = log_p.exp()  # (r, V), the distribution taught
         log_ratio = log_p - log_q  # (r, V)
         kl_rows = (p * log_ratio).sum(-1, keepdim=True)  # (r, 1)
         sums.append(tau**2 * torch.where(valid, kl_rows, 0.0).sum())
-        if weight == 0:
-            continue
-        if needs_grad[term.model]:
-            add_grad(term.model, (log_q.exp() - p).mul_(weight * tau))
-        if not term.detach_target and needs_grad[term.target]:
-            add_grad(term.target, p.mul_(log_ratio.sub_(kl_rows)).mul_(weight * tau))
+        if grad_model:
+            add_grad(term.model, (log_q.exp() - p).mul_(weights[i] * tau))
+        if grad_terms[i] and not term.detach_target and needs_grad[term.target]:
+            add_grad(term.target, p.mul_(log_ratio.sub_(kl_rows)).mul_(weights[i] * tau))
     return torch.stack(sums), [None if grad is None else torch.where(valid, grad, 0.0) for grad in grads]
+
+
+class _Compiled:
+    """`_chunk_sums_and_grads` through `torch.compile`, built at its first use and shared by every caller in the
+    process (compiled graphs are cached by input shapes and term sets); after a failure to compile, the eager function
+    with a warning."""
+
+    function: Callable | None = None
+    failure: str | None = None
+
+    @classmethod
+    def run(cls, *args):
+        if cls.failure is None:
+            try:
+                if cls.function is None:
+                    cls.function = torch.compile(_chunk_sums_and_grads)
+                return cls.function(*args)
+            except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as error:
+                if isinstance(error, RuntimeError) and not _is_compile_failure(error):
+                    raise
+                cls.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+                warnings.warn(
+                    f"the compiled loss is unavailable here ({cls.failure}); using the eager loss (same values, "
+                    "slower). Set compile_loss='off' to silence this.",
+                    stacklevel=2,
+                )
+        return _chunk_sums_and_grads(*args)
+
+
+def _is_compile_failure(error: RuntimeError) -> bool:
+    """Whether a RuntimeError comes from torch.compile's toolchain (no C++ compiler, an unsupported Python)."""
+    return any(name in type(error).__module__ for name in ("torch._dynamo", "torch._inductor"))
+
+
+# Where `compile_loss="auto"` compiles: the device types on which the compiled loss measured faster than the eager one
+# (benchmarks/step_cost.py, RESULTS.md), each with the smallest vocabulary it was measured faster at. Below it (the
+# tests' tiny models) compiling costs seconds and saves nothing; elsewhere (CUDA) it stays eager until measured.
+COMPILED_LOSS_MEASURED_FASTER = {"cpu": 4096}
+
+
+def compiled_loss_pays(device_type: str, vocab_size: int) -> bool:
+    """Whether the compiled loss measured faster than the eager one for this device type and vocabulary size."""
+    smallest = COMPILED_LOSS_MEASURED_FASTER.get(device_type)
+    return smallest is not None and vocab_size >= smallest and compile_supported()
+
+
+def compile_supported() -> bool:
+    """Whether `torch.compile` can run here at all (it needs a supported Python version)."""
+    return torch._dynamo.is_dynamo_supported() and _Compiled.failure is None
 
 
 class _ChunkedTerms(torch.autograd.Function):
@@ -154,15 +276,16 @@ class _ChunkedTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, targets, terms, weights, chunk_size, *logits):
-        needs_grad = [z is not None and z.requires_grad for z in logits]
+    def forward(ctx, targets, terms, weights, chunk_size, compiled, *logits):
+        needs_grad = tuple(isinstance(z, torch.Tensor) and z.requires_grad for z in logits)
+        grad_terms = tuple(weight != 0 for weight in weights.tolist())
         grads = [torch.zeros_like(z) if need else None for z, need in zip(logits, needs_grad)]
-        weight_values = weights.tolist()
+        run = _Compiled.run if compiled else _chunk_sums_and_grads
         sums = torch.zeros_like(weights)
         for start in range(0, targets.numel(), chunk_size):
             rows = slice(start, start + chunk_size)
-            chunk = [None if z is None else z[rows].detach() for z in logits]
-            chunk_sums, chunk_grads = _chunk_sums_and_grads(chunk, targets[rows], terms, weight_values, needs_grad)
+            chunk = [_rows(z, rows) for z in logits]
+            chunk_sums, chunk_grads = run(chunk, targets[rows], terms, weights, grad_terms, needs_grad)
             for buffer, grad in zip(grads, chunk_grads):
                 if buffer is not None and grad is not None:
                     buffer[rows] = grad
@@ -178,16 +301,36 @@ class _ChunkedTerms(torch.autograd.Function):
     def backward(ctx, grad_total, grad_sums):
         buffers = iter(ctx.saved_tensors)
         grads = [next(buffers).mul_(grad_total) if need else None for need in ctx.needs_grad]
-        return None, None, None, None, *grads
+        return None, None, None, None, None, *grads
+
+
+def _rows(z: _Logits, rows: slice) -> _Logits:
+    """A chunk of rows of one stacked input, detached."""
+    if z is None:
+        return None
+    if isinstance(z, tuple):
+        return tuple(part[rows] for part in z)
+    return z[rows].detach()
+
+
+def _flatten(z: torch.Tensor | TopKLogProbs | None, vocab: int) -> _Logits:
+    """One model's logits `(..., T, V)` as `(n, V)` rows, a top-k teacher as its pair of `(n, k)` rows."""
+    if z is None:
+        return None
+    if isinstance(z, TopKLogProbs):
+        k = z.indices.size(-1)
+        return z.indices.reshape(-1, k), z.log_probs.reshape(-1, k)
+    return z.reshape(-1, vocab)
 
 
 def _weighted_terms(
-    logits: Sequence[torch.Tensor | None],
+    logits: Sequence[torch.Tensor | TopKLogProbs | None],
     labels: torch.LongTensor,
     terms: Sequence[_Term],
     weights: Sequence[float],
     num_items: torch.Tensor | int | None,
     chunk_size: int | None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(total, per-term values)`, both divided by `num_items`: logits `(..., T, V)`, labels `(..., T)`; the total
     is the sum of the terms times `weights`, a zero weight leaving its term out."""
@@ -195,8 +338,8 @@ def _weighted_terms(
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens, or None for no chunking.")
     if num_items is None:
         num_items = count_valid_tokens(labels).clamp(min=1)
-    first = next(z for z in logits if z is not None)
-    flat = [None if z is None else z.reshape(-1, first.size(-1)) for z in logits]  # (n, V) views
+    first = next(z for z in logits if isinstance(z, torch.Tensor))
+    flat = [_flatten(z, first.size(-1)) for z in logits]  # (n, V) views
     targets = shift_labels(labels).reshape(-1).to(first.device)  # (n,)
     dtype = torch.promote_types(first.dtype, torch.float32)
     weights = torch.tensor(weights, dtype=dtype, device=targets.device)
@@ -204,8 +347,18 @@ def _weighted_terms(
         sums = _term_sums(flat, targets, terms)
         total = (weights * sums)[weights != 0].sum()
         return total / num_items, sums.detach() / num_items
-    total, sums = _ChunkedTerms.apply(targets, tuple(terms), weights, chunk_size, *flat)
+    total, sums = _ChunkedTerms.apply(targets, tuple(terms), weights, chunk_size, compiled, *flat)
     return total / num_items, sums / num_items
+
+
+def _check_teacher_temperature(teacher: torch.Tensor | TopKLogProbs | None, temperature: float) -> None:
+    """A top-k teacher's log-probabilities hold one temperature: the KL must use that one."""
+    if isinstance(teacher, TopKLogProbs) and teacher.temperature != temperature:
+        raise ValueError(
+            f"the top-k teacher's log-probabilities are at temperature {teacher.temperature}, but the KL is asked at "
+            f"teacher_temperature={temperature}: its tail mass is only known at the temperature it was stored at; "
+            f"use teacher_temperature={teacher.temperature}, or rebuild the teacher cache at {temperature}."
+        )
 
 
 def cross_entropy(
@@ -213,26 +366,30 @@ def cross_entropy(
     labels: torch.LongTensor,
     num_items: torch.Tensor | int | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Next-token cross-entropy of `logits` `(..., T, V)` on `labels` `(..., T)`, summed over valid tokens and
     divided by `num_items`; with `num_items=None` it is GPT-2's own `loss`."""
-    return _weighted_terms([logits], labels, [_Term(model=0)], [1.0], num_items, chunk_size)[0]
+    return _weighted_terms([logits], labels, [_Term(model=0)], [1.0], num_items, chunk_size, compiled)[0]
 
 
 def kl_divergence(
-    target_logits: torch.Tensor,
+    target_logits: torch.Tensor | TopKLogProbs,
     logits: torch.Tensor,
     labels: torch.LongTensor,
     num_items: torch.Tensor | int | None = None,
     temperature: float = 1.0,
     detach_target: bool = True,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """tau^2 KL(softmax(target_logits / tau) || softmax(logits / tau)), summed over the vocabulary and over the
     tokens whose shifted label is valid, divided by `num_items`. With `detach_target` no gradient reaches the target.
+    A `TopKLogProbs` target gives the KL with its tail bucket (module docstring), at its own temperature.
     """
+    _check_teacher_temperature(target_logits, temperature)
     term = _Term(model=1, target=0, temperature=temperature, detach_target=detach_target)
-    return _weighted_terms([target_logits, logits], labels, [term], [1.0], num_items, chunk_size)[0]
+    return _weighted_terms([target_logits, logits], labels, [term], [1.0], num_items, chunk_size, compiled)[0]
 
 
 def _target_terms(model: int, teacher: int | None, gamma: float, tau: float) -> list[_Term]:
@@ -248,16 +405,18 @@ def _target_terms(model: int, teacher: int | None, gamma: float, tau: float) -> 
 def target_loss(
     logits: torch.Tensor,
     labels: torch.LongTensor,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | TopKLogProbs | None = None,
     teacher_weight: float = 0.5,
     teacher_temperature: float = 1.0,
     num_items: torch.Tensor | int | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """target(z) = (1 - gamma) CE(y, z) + gamma KL_tauT(z_T || z), gamma = `teacher_weight` (0 without a teacher)."""
+    _check_teacher_temperature(teacher_logits, teacher_temperature)
     terms = _target_terms(0, None if teacher_logits is None else 1, teacher_weight, teacher_temperature)
     shares = [term.share for term in terms]
-    return _weighted_terms([logits, teacher_logits], labels, terms, shares, num_items, chunk_size)[0]
+    return _weighted_terms([logits, teacher_logits], labels, terms, shares, num_items, chunk_size, compiled)[0]
 
 
 @dataclass
@@ -279,7 +438,7 @@ def matta_loss(
     student_logits: torch.Tensor | None,
     labels: torch.LongTensor,
     ta_logits: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | TopKLogProbs | None = None,
     extra_logits: Mapping[int, torch.Tensor] | None = None,
     student_weight: float = 1.0,
     ta_weight: float = 1.0,
@@ -290,6 +449,8 @@ def matta_loss(
     detach_ta_targets: bool = True,
     num_items: torch.Tensor | int | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    ta_term: bool = True,
+    compiled: bool = False,
 ) -> MatTALoss:
     """L = w_S target(z_S) + w_A target(z_A) + w_D KL_tauD(sg(z_A) || z_S), plus, for every extra width `w` in
     `extra_logits` (trained as a student of the TA), w_S target(z_w) + w_D KL_tauD(sg(z_A) || z_w).
@@ -297,10 +458,14 @@ def matta_loss(
     Logits are `(..., T, V)`, all on the same tokens; `labels` `(..., T)` unshifted. A model whose logits are None
     takes no part: no TA means no TA and no distillation terms, no teacher means gamma = 0, no student means no
     student terms (a step that trains the TA or an extra width alone, as MatFormer's sampled schedule does).
+    The teacher may be a `TopKLogProbs` (its KL then keeps the rest of the vocabulary as one bucket).
     A zero weight removes its term from the total (and from the gradient) but the term is still reported when its
-    logits were given.
-    `detach_ta_targets=False` lets the distillation gradient reach the TA.
+    logits were given. `ta_term=False` leaves the TA's own term out (neither computed nor reported): its logits are
+    then only the distillation target, as in the student's part of a step whose TA part was differentiated first.
+    `detach_ta_targets=False` lets the distillation gradient reach the TA. `compiled` runs the chunked computation
+    through `torch.compile` (module docstring).
     """
+    _check_teacher_temperature(teacher_logits, teacher_temperature)
     extra_logits = dict(extra_logits or {})
     logits = [student_logits, ta_logits, teacher_logits, *extra_logits.values()]
     teacher = None if teacher_logits is None else 2
@@ -315,14 +480,14 @@ def matta_loss(
 
     if student_logits is not None:
         add_student("student", 0)
-    if ta_logits is not None:
+    if ta_logits is not None and ta_term:
         groups["ta"] = (ta_weight, _target_terms(1, teacher, teacher_weight, teacher_temperature))
     for index, width in enumerate(extra_logits, start=3):
         add_student(f"w{width}", index)
 
     terms = [term for _, group in groups.values() for term in group]
     weights = [weight * term.share for weight, group in groups.values() for term in group]
-    total, sums = _weighted_terms(logits, labels, terms, weights, num_items, chunk_size)
+    total, sums = _weighted_terms(logits, labels, terms, weights, num_items, chunk_size, compiled)
     values, start = {}, 0
     for name, (_, group) in groups.items():
         shares = torch.tensor([term.share for term in group], device=sums.device)

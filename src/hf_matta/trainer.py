@@ -1,10 +1,17 @@
 """`MatTATrainer`: Transformers' Trainer running the MatTA step. It orchestrates; the maths is in `hf_matta.losses`.
 
-One optimizer step, on every micro-batch: the frozen teacher's forward under `no_grad`, the TA's at full width, the
-student's at `config.student_width` and the extra widths' per `args.extra_widths`, then one backward of
-`hf_matta.losses.matta_loss`. Every term is a mean over the valid tokens of the whole optimizer step (Trainer's
-`num_items_in_batch`, counted over gradient-accumulation micro-batches and data-parallel processes), so the gradient
-does not depend on how the step is split.
+One optimizer step, on every micro-batch: the frozen teacher's forward under `no_grad` (or its top-k targets read from
+a cache, `hf_matta.teacher_cache`), the TA's at full width, the student's at `config.student_width` and the extra
+widths' per `args.extra_widths`, and the backward of `hf_matta.losses.matta_loss`. Every term is a mean over the valid
+tokens of the whole optimizer step (Trainer's `num_items_in_batch`, counted over gradient-accumulation micro-batches
+and data-parallel processes), so the gradient does not depend on how the step is split.
+
+When the step trains the TA and a student and the distillation target is detached (`detach_ta_targets`, the default),
+the TA's terms are differentiated first and its graph freed before the student's forward runs; the student's terms
+then see the TA's logits as constants (`ta_backward_first`). The gradient is the one-backward step's (the student's
+terms send nothing to the TA's logits), and the peak memory holds one model's autograd graph instead of two. The TA's
+backward runs without gradient synchronisation (DDP's `no_sync`, FSDP's deferred reduction, no DeepSpeed optimizer
+step), so a step still communicates once, as with gradient accumulation.
 
 Every term is logged on its own (`loss_student`, `loss_ta`, `loss_distill`, `loss_w{w}` for extra widths, and
 `distill_weight`, the w_D(t) in force), averaged over the logging window as Trainer's `loss`; evaluation adds the
@@ -21,6 +28,7 @@ with status 143 (128 + SIGTERM); `resume_from_checkpoint` continues bit-exactly.
 ```
 """
 
+import contextlib
 import copy
 import math
 import os
@@ -31,16 +39,28 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainerCallback
-from transformers.utils import logging
+from transformers.distributed.fsdp import is_fsdp_managed_module
+from transformers.training_args import OptimizerNames
+from transformers.utils import is_sagemaker_mp_enabled, logging
 from transformers.utils.peft_utils import find_adapter_config_file
 
 from .data import load_tokenizer
 from .diagnostics import FFNSplitProbe, ffn_split_metrics
-from .losses import MatTALoss, count_valid_tokens, cross_entropy, kl_divergence, matta_loss
+from .losses import (
+    MatTALoss,
+    TopKLogProbs,
+    compiled_loss_pays,
+    count_valid_tokens,
+    cross_entropy,
+    kl_divergence,
+    matta_loss,
+)
 from .models.matgpt2 import MatGPT2LMHeadModel
+from .teacher_cache import BATCH_KEYS, CachedTeacherDataset, TeacherCache, TeacherTargetsCollator
 from .training_args import SHAMPOO_OPTIMIZERS, MatTATrainingArguments
 
 
@@ -242,8 +262,16 @@ class MatTATrainer(Trainer):
                 f"n_gpu={args.n_gpu}: MatTATrainer does not run under torch.nn.DataParallel; launch one process per "
                 "device with `accelerate launch` or `torchrun` (DDP)."
             )
-        check_output_dir(args.output_dir, {"teacher_model_name_or_path": args.teacher_model_name_or_path})
-        if teacher_model is None and args.teacher_model_name_or_path is not None:
+        check_output_dir(
+            args.output_dir,
+            {
+                "teacher_model_name_or_path": args.teacher_model_name_or_path,
+                "teacher_cache_dir": args.teacher_cache_dir,
+            },
+        )
+        # With a teacher cache the teacher is not loaded: training reads the cache (a teacher_model given still serves
+        # evaluation's teacher term).
+        if teacher_model is None and args.teacher_model_name_or_path is not None and args.teacher_cache_dir is None:
             teacher_model = load_teacher(args.teacher_model_name_or_path)
             if teacher_processing_class is None:
                 teacher_processing_class = load_tokenizer(args.teacher_model_name_or_path)
@@ -253,6 +281,13 @@ class MatTATrainer(Trainer):
             if args.teacher_weight == 0:
                 logger.warning("teacher_weight=0: the teacher is never run; set teacher_weight > 0 to distil it.")
         self.teacher = teacher_model
+        self.teacher_cache = self._open_teacher_cache() if args.teacher_cache_dir is not None else None
+        # compile_loss="auto" compiles where it measured faster (hf_matta.losses.compiled_loss_pays)
+        self.compiled_loss = args.compile_loss == "on" or (
+            args.compile_loss == "auto" and compiled_loss_pays(args.device.type, self._config.vocab_size)
+        )
+        self._one_backward_reason: str | None = None  # why ta_backward_first cannot run here (None: it can)
+        self._checked_backward = False
         self._teacher_prepared = False
         self._window = _TermWindow()
         self._eval_sums: dict[int | str, torch.Tensor] = {}  # width or diagnostic -> sums
@@ -303,6 +338,41 @@ class MatTATrainer(Trainer):
                 f"{len(student_tokens)} tokens; e.g. (token, id) {differing} are in one only). Use the same tokenizer "
                 "for both."
             )
+
+    def _open_teacher_cache(self) -> TeacherCache:
+        """`args.teacher_cache_dir`, checked against this run (teacher temperature, vocabulary, training rows); the
+        training rows then carry their cached targets into every batch."""
+        args = self.args
+        cache = TeacherCache(args.teacher_cache_dir)
+        if cache.temperature != args.teacher_temperature:
+            raise ValueError(
+                f"the teacher cache at {args.teacher_cache_dir} holds log-probabilities at temperature "
+                f"{cache.temperature}, but teacher_temperature={args.teacher_temperature}: the tail bucket's mass is "
+                "only known at the temperature it was built at; use that temperature or rebuild the cache."
+            )
+        if cache.manifest["vocab_size"] != self._config.vocab_size:
+            raise ValueError(
+                f"the teacher cache at {args.teacher_cache_dir} was built by a teacher of vocab_size="
+                f"{cache.manifest['vocab_size']}, the student's is {self._config.vocab_size}: both must use the same "
+                "tokenizer."
+            )
+        if args.teacher_weight == 0:
+            logger.warning("teacher_weight=0: the teacher cache is never read; set teacher_weight > 0 to distil it.")
+        if self.train_dataset is not None:
+            if not hasattr(self.train_dataset, "__len__"):
+                raise TypeError(
+                    "a teacher cache is read by row index: give a map-style train_dataset (a datasets.Dataset or a "
+                    f"list of rows), not a {type(self.train_dataset).__name__}."
+                )
+            cache.check_dataset(self.train_dataset)
+            self.train_dataset = CachedTeacherDataset(self.train_dataset, cache)
+        self.data_collator = TeacherTargetsCollator(self.data_collator)
+        return cache
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The model's inputs, and the cached teacher targets (the trainer takes them out before the forward)."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [key for key in BATCH_KEYS if key not in self._signature_columns]
 
     def _check_training_start(self) -> None:
         """Before the first step: the schedule fits the run, and the training sequences fit the models' contexts."""
@@ -421,6 +491,78 @@ class MatTATrainer(Trainer):
             return ([] if chosen == ta_width else [chosen]), chosen == ta_width
         return students, ta_trained
 
+    def _term_weights(self, evaluating: bool) -> tuple[float, float]:
+        """(w_S(t), w_D(t)) at this step; every term at its full weight when evaluating, whatever the schedule."""
+        args = self.args
+        if evaluating:
+            return args.student_weight, args.distill_weight
+        step, total = self.state.global_step, self.state.max_steps
+        return args.student_weight_at(step, total), args.distill_weight_at(step, total)
+
+    def _split_batch(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`(labels, the model's inputs)`: the batch less its labels and its cached teacher targets."""
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(
+                f"The batch has no `labels` (keys: {sorted(inputs)}): MatTATrainer needs them, e.g. from "
+                "DataCollatorForLanguageModeling(tokenizer, mlm=False), or labels = input_ids."
+            )
+        self._check_context(labels.shape[-1])
+        return labels, {key: value for key, value in inputs.items() if key != "labels" and key not in BATCH_KEYS}
+
+    def _teacher_targets(
+        self, inputs: Mapping[str, torch.Tensor], model_inputs: Mapping[str, torch.Tensor], evaluating: bool
+    ) -> torch.Tensor | TopKLogProbs | None:
+        """What the teacher teaches on this batch: its cached top-k targets when the batch carries them, else its
+        logits `(B, T, V)`, or None without a teacher (or at teacher_weight 0)."""
+        if self.args.teacher_weight == 0:
+            return None
+        if self.teacher_cache is not None:
+            cached = self.teacher_cache.targets(inputs)
+            if cached is not None:
+                return cached
+            if not evaluating:
+                raise ValueError(
+                    f"teacher_cache_dir is set but a training batch carries no cached targets (keys: {sorted(inputs)})"
+                    ": train on the train_dataset the trainer was given, whose rows it pairs with the cache."
+                )
+        if self.teacher is None:
+            return None
+        return self._teacher_logits(model_inputs)
+
+    def _objective(
+        self,
+        labels: torch.Tensor,
+        students: Mapping[int, torch.Tensor],
+        ta_logits: torch.Tensor | None,
+        teacher: torch.Tensor | TopKLogProbs | None,
+        num_items: torch.Tensor | int | None,
+        weights: tuple[float, float, float],
+        ta_term: bool = True,
+    ) -> MatTALoss:
+        """`hf_matta.losses.matta_loss` of the student and extra widths' logits (`students`, by width) and the TA's,
+        with the run's settings; `weights` are (w_S, w_A, w_D) in force."""
+        args, config = self.args, self._config
+        student_weight, ta_weight, distill_weight = weights
+        return matta_loss(
+            students.get(config.student_width),
+            labels,
+            ta_logits=ta_logits,
+            teacher_logits=teacher,
+            extra_logits={width: logits for width, logits in students.items() if width != config.student_width},
+            student_weight=student_weight,
+            ta_weight=ta_weight,
+            distill_weight=distill_weight,
+            distill_temperature=args.distill_temperature,
+            teacher_weight=args.teacher_weight,
+            teacher_temperature=args.teacher_temperature,
+            detach_ta_targets=args.detach_ta_targets,
+            num_items=num_items,
+            chunk_size=args.loss_chunk_size or None,
+            ta_term=ta_term,
+            compiled=self.compiled_loss,
+        )
+
     def matta_loss(
         self,
         model: nn.Module,
@@ -431,71 +573,144 @@ class MatTATrainer(Trainer):
         """Run this step's forwards and return `(MatTALoss, logits (B, T, V) by width)`; `num_items` defaults to
         this batch's valid-token count. `evaluating` runs every granularity and term, with no sampling."""
         args, config = self.args, self._config
-        labels = inputs.get("labels")
-        if labels is None:
-            raise ValueError(
-                f"The batch has no `labels` (keys: {sorted(inputs)}): MatTATrainer needs them, e.g. from "
-                "DataCollatorForLanguageModeling(tokenizer, mlm=False), or labels = input_ids."
-            )
-        self._check_context(labels.shape[-1])
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        labels, model_inputs = self._split_batch(inputs)
         students, ta_trained = self._granularities(evaluating)
         ta_width = config.mat_widths[-1]
         has_ta = config.student_width != ta_width  # with a single granularity the student is the whole model
-        step, total = self.state.global_step, self.state.max_steps
-        student_weight, distill_weight = args.student_weight_at(step, total), args.distill_weight_at(step, total)
-        if evaluating:  # every term at its full weight, whatever the schedule
-            student_weight, distill_weight = args.student_weight, args.distill_weight
+        student_weight, distill_weight = self._term_weights(evaluating)
+        teacher = self._teacher_targets(inputs, model_inputs, evaluating)
         logits: dict[int, torch.Tensor] = {}
-        for width in students:
-            logits[width] = model(**model_inputs, ffn_widths=width, use_cache=False).logits  # (B, T, V)
+        # The TA runs first, as in `training_step`'s two backwards: with dropout, both draw the same masks.
         run_ta = ta_trained or (has_ta and students and (args.distill_weight > 0 or evaluating))
         if run_ta:
             # A TA that is only a detached distillation target needs no graph.
             with torch.set_grad_enabled(torch.is_grad_enabled() and (ta_trained or not args.detach_ta_targets)):
                 logits[ta_width] = model(**model_inputs, ffn_widths=ta_width, use_cache=False).logits
-        teacher_logits = None
-        if self.teacher is not None and args.teacher_weight > 0:
-            teacher_logits = self._teacher_logits(model_inputs)
-        student_logits = logits.get(config.student_width) if config.student_width in students else None
-        loss = matta_loss(
-            student_logits,
+        for width in students:
+            logits[width] = model(**model_inputs, ffn_widths=width, use_cache=False).logits  # (B, T, V)
+        loss = self._objective(
             labels,
-            ta_logits=logits.get(ta_width) if run_ta else None,
-            teacher_logits=teacher_logits,
-            extra_logits={width: logits[width] for width in students if width != config.student_width},
-            student_weight=student_weight,
-            ta_weight=args.ta_weight if ta_trained else 0.0,
-            distill_weight=distill_weight,
-            distill_temperature=args.distill_temperature,
-            teacher_weight=args.teacher_weight,
-            teacher_temperature=args.teacher_temperature,
-            detach_ta_targets=args.detach_ta_targets,
-            num_items=num_items,
-            chunk_size=args.loss_chunk_size or None,
+            {width: logits[width] for width in students},
+            logits.get(ta_width) if run_ta else None,
+            teacher,
+            num_items,
+            (student_weight, args.ta_weight if ta_trained else 0.0, distill_weight),
         )
         return loss, logits
+
+    def _backward_ta_first(self, students: list[int], ta_trained: bool) -> bool:
+        """Whether this step takes the TA's backward first (module docstring): it trains the TA and a student,
+        `ta_backward_first` and `detach_ta_targets` are on, and nothing in the run needs a single backward."""
+        args = self.args
+        if not (students and ta_trained and args.ta_backward_first and args.detach_ta_targets):
+            return False
+        if not self._checked_backward:
+            self._checked_backward = True
+            parallelism = getattr(self.accelerator, "parallelism_config", None)
+            if args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
+                self._one_backward_reason = f"optim={args.optim}, which updates the weights during the backward"
+            elif is_sagemaker_mp_enabled():
+                self._one_backward_reason = "SageMaker model parallelism runs its own forward-backward"
+            elif parallelism is not None and parallelism.cp_enabled:
+                self._one_backward_reason = "context parallelism prepares one forward-backward per batch"
+            if self._one_backward_reason is not None:
+                logger.warning(
+                    f"ta_backward_first: {self._one_backward_reason}, so each step takes one backward of the whole "
+                    "objective (the same gradient; the TA's and the student's graphs are alive together)."
+                )
+        return self._one_backward_reason is None
+
+    @contextlib.contextmanager
+    def _gradients_kept_local(self, model: nn.Module):
+        """The first of a step's two backwards accumulates its gradients locally, as a gradient-accumulation
+        micro-batch does: DDP's all-reduce and FSDP's reduce-scatter wait for the second (unless
+        `sync_each_batch` asks for one per backward), and DeepSpeed takes no optimizer step after it. Both the
+        forward and the backward run inside (DDP decides at the forward whether its backward synchronises)."""
+        state = self.accelerator.gradient_state
+        synced = state.sync_gradients
+        state._set_sync_gradients(False)  # read by accelerator.backward: DeepSpeed's accumulation boundary
+        try:
+            if state.plugin_kwargs.get("sync_each_batch", False):
+                context = contextlib.nullcontext()
+            elif self.is_distributed_loading_by_transformers and is_fsdp_managed_module(self.model):
+                context = self._defer_fsdp_gradient_reduction()  # Trainer's own rule for such models
+            else:
+                context = self.accelerator.no_sync(model)
+            with context:
+                yield
+        finally:
+            state._set_sync_gradients(synced)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Trainer's step (one backward of the whole objective), except in a step that trains the TA and a student
+        with `ta_backward_first` and `detach_ta_targets`: then the TA's forward, terms and backward come first, the
+        TA's graph is freed, and the student's (and extra widths') forwards, terms and backward follow against the
+        TA's detached logits. The same gradient; one model's graph alive at a time; one synchronisation."""
+        students, ta_trained = self._granularities(evaluating=False)
+        if not self._backward_ta_first(students, ta_trained):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        labels, model_inputs = self._split_batch(inputs)
+        ta_width = self._config.mat_widths[-1]
+        student_weight, distill_weight = self._term_weights(evaluating=False)
+        weights = (student_weight, self.args.ta_weight, distill_weight)
+        # DeepSpeed scales by its accumulation steps unless told not to; the loss is already a mean over the step
+        backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
+        teacher = self._teacher_targets(inputs, model_inputs, evaluating=False)
+        with self._gradients_kept_local(model):
+            with self.compute_loss_context_manager():
+                ta_logits = model(**model_inputs, ffn_widths=ta_width, use_cache=False).logits  # (B, T, V)
+                ta_loss = self._objective(labels, {}, ta_logits, teacher, num_items_in_batch, weights)
+            ta_total, ta_terms = self._scaled(ta_loss, num_items_in_batch)
+            self.accelerator.backward(ta_total, **backward_kwargs)
+        ta_logits = ta_logits.detach()  # the TA's graph is gone; its logits stay, as the distillation target
+        with self.compute_loss_context_manager():
+            logits = {width: model(**model_inputs, ffn_widths=width, use_cache=False).logits for width in students}
+            student_loss = self._objective(
+                labels, logits, ta_logits, teacher, num_items_in_batch, weights, ta_term=False
+            )
+        student_total, student_terms = self._scaled(student_loss, num_items_in_batch)
+        del inputs, model_inputs, logits, ta_logits, teacher  # the loss holds its gradient buffers, not the logits
+        empty_cache_steps = self.args.torch_empty_cache_steps
+        if empty_cache_steps is not None and self.state.global_step % empty_cache_steps == 0:
+            clear_device_cache()
+        self.accelerator.backward(student_total, **backward_kwargs)
+        total = ta_total.detach() + student_total.detach()
+        self._record(total, {**ta_terms, **student_terms})
+        return total
+
+    def _scaled(
+        self, loss: MatTALoss, num_items_in_batch: torch.Tensor | int | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total and terms of `loss` as this process differentiates and logs them: `num_items_in_batch` counts
+        the tokens of every process, and DDP averages gradients over processes, so they are multiplied back."""
+        if not (self.args.average_tokens_across_devices and num_items_in_batch is not None):
+            return loss.total, loss.terms
+        scale = self.accelerator.num_processes
+        return loss.total * scale, {name: value * scale for name, value in loss.terms.items()}
+
+    def _record(self, total: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
+        """Note a training micro-batch's terms: for the logs, and for the non-finite check before the step."""
+        step = self.state.global_step
+        for name, value in {"total": total, **terms}.items():  # checked before the optimizer step, one sync
+            bad = ~torch.isfinite(value.detach())
+            self._non_finite[name] = self._non_finite[name] | bad if name in self._non_finite else bad
+        for name, value in terms.items():
+            self._window.add(step, f"loss_{name}", value)
+        for name in ("student_weight", "distill_weight"):
+            weight = getattr(self.args, f"{name}_at")(step, self.state.max_steps)
+            self._window.add(step, name, torch.tensor(weight, device=total.device), True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The MatTA objective of this micro-batch, normalised by the valid tokens of the whole optimizer step
         (`num_items_in_batch`) and recorded term by term for logging."""
         loss, logits = self.matta_loss(model, inputs, num_items=num_items_in_batch)
-        total, terms = loss.total, loss.terms
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch counts the tokens of every process, and DDP averages gradients over processes.
-            scale = self.accelerator.num_processes
-            total = total * scale
-            terms = {name: value * scale for name, value in terms.items()}
+        total, terms = self._scaled(loss, num_items_in_batch)
         if model.training:
-            step = self.state.global_step
-            for name, value in {"total": total, **terms}.items():  # checked before the optimizer step, one sync
-                bad = ~torch.isfinite(value.detach())
-                self._non_finite[name] = self._non_finite[name] | bad if name in self._non_finite else bad
-            for name, value in terms.items():
-                self._window.add(step, f"loss_{name}", value)
-            for name in ("student_weight", "distill_weight"):
-                weight = getattr(self.args, f"{name}_at")(step, self.state.max_steps)
-                self._window.add(step, name, torch.tensor(weight, device=total.device), True)
+            self._record(total, terms)
         if return_outputs:
             return total, {"loss": total, "logits": logits.get(self._config.student_width)}
         return total
@@ -523,19 +738,22 @@ class MatTATrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             with FFNSplitProbe(self.accelerator.unwrap_model(model), config.student_width) as probe:
                 loss, logits = self.matta_loss(model, inputs, evaluating=True)
-            labels = inputs["labels"]
-            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            labels, model_inputs = self._split_batch(inputs)
             ta_width = config.mat_widths[-1]
             if config.student_width != ta_width:  # is the TA teaching anything? (hf_matta.diagnostics)
                 student_logits = logits[config.student_width]
-                kl_sum = kl_divergence(logits[ta_width], student_logits, labels, 1, chunk_size=chunk_size)
+                kl_sum = kl_divergence(
+                    logits[ta_width], student_logits, labels, 1, chunk_size=chunk_size, compiled=self.compiled_loss
+                )
                 self._eval_sums["kl_ta_student"] = self._eval_sums.get("kl_ta_student", 0.0) + kl_sum
                 self._eval_sums["ffn_split"] = self._eval_sums.get("ffn_split", 0.0) + probe.sums
             for width in config.mat_widths:
                 width_logits = logits.get(width)
                 if width_logits is None:
                     width_logits = model(**model_inputs, ffn_widths=width, use_cache=False).logits
-                ce_sum = cross_entropy(width_logits, labels, num_items=1, chunk_size=chunk_size)
+                ce_sum = cross_entropy(
+                    width_logits, labels, num_items=1, chunk_size=chunk_size, compiled=self.compiled_loss
+                )
                 sums = torch.stack([ce_sum, count_valid_tokens(labels).to(ce_sum)])
                 self._eval_sums[width] = self._eval_sums.get(width, 0.0) + sums
         if prediction_loss_only:

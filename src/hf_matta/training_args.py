@@ -13,6 +13,7 @@ from .losses import DEFAULT_CHUNK_SIZE
 
 
 EXTRA_WIDTHS = ("none", "all", "sample")
+COMPILE_LOSS = ("auto", "on", "off")
 WIDTH_SCHEDULES = ("all", "sample_one")
 OPTIMIZERS = ("adamw", "shampoo", "soap", "distributed_shampoo")
 SHAMPOO_OPTIMIZERS = ("shampoo", "soap", "distributed_shampoo")  # need each parameter's true shape: no ZeRO
@@ -61,6 +62,21 @@ class MatTATrainingArguments(TrainingArguments):
             only its own terms.
         loss_chunk_size (`int`, defaults to 512): tokens per chunk of the loss computation (memory: see
             `hf_matta.losses`); 0 computes the loss in one piece.
+        compile_loss (`str`, defaults to `"auto"`): run the chunked loss's closed-form per-chunk function through
+            `torch.compile` (same values and gradients, its vocabulary-sized passes fused): `"on"`, `"off"` (the eager
+            function, the reference), or `"auto"`: on where it measured faster (`hf_matta.losses.
+            COMPILED_LOSS_MEASURED_FASTER`: CPU with a vocabulary of 4096 or more), off elsewhere. Where compilation
+            is unavailable the eager function runs, with a warning. Compiling costs seconds to a minute at the first
+            steps.
+        ta_backward_first (`bool`, defaults to `True`): with `detach_ta_targets`, differentiate the TA's terms first
+            and free its graph before the student's forward, whose terms then see the TA's logits as constants: the
+            same gradient, with one model's autograd graph in memory instead of two, and still one gradient
+            synchronisation per step. `False`: one backward of the whole objective.
+        teacher_cache_dir (`str`, *optional*): a folder built by `hf_matta.teacher_cache.build_teacher_cache` on this
+            training set: training reads the teacher's cached top-k log-probabilities instead of running the teacher,
+            and `teacher_model_name_or_path` is not loaded (evaluation's objective then has no teacher term unless the
+            trainer is given `teacher_model`). Its temperature must be `teacher_temperature`. `hf-matta run` builds it
+            there first when it is not finished (`teacher_cache_top_k`).
         optimizer (`str`, *optional*): `"adamw"`, `"shampoo"`, `"soap"` or `"distributed_shampoo"`, built by
             `hf_matta.optim.build_optimizer`; `None` uses Trainer's own `optim`, as in Transformers.
         max_preconditioner_dim (`int`, defaults to 1024): Shampoo's block size (larger dimensions are blocked).
@@ -137,6 +153,28 @@ class MatTATrainingArguments(TrainingArguments):
         default=DEFAULT_CHUNK_SIZE,
         metadata={"help": "Tokens per chunk of the loss computation (bounds its memory); 0: one piece (>= 0)."},
     )
+    compile_loss: str = field(
+        default="auto",
+        metadata={
+            "help": "Compile the chunked loss with torch.compile: 'on', 'off' (eager, the reference) or 'auto' (on "
+            "where it measured faster: CPU with a vocabulary >= 4096).",
+            "choices": list(COMPILE_LOSS),
+        },
+    )
+    ta_backward_first: bool = field(
+        default=True,
+        metadata={
+            "help": "With detach_ta_targets: the TA's terms and backward first, then the student's against the TA's "
+            "detached logits (same gradient, one graph in memory at a time). False: one backward."
+        },
+    )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of cached teacher top-k log-probabilities (hf_matta.teacher_cache) built on this "
+            "training set: training reads it instead of running the teacher."
+        },
+    )
     optimizer: str | None = field(
         default=None,
         metadata={
@@ -205,6 +243,7 @@ class MatTATrainingArguments(TrainingArguments):
         choices = {
             "extra_widths": EXTRA_WIDTHS,
             "width_schedule": WIDTH_SCHEDULES,
+            "compile_loss": COMPILE_LOSS,
             "optimizer": (None, *OPTIMIZERS),
             "grafting": GRAFTINGS,
         }

@@ -111,10 +111,19 @@ class TeacherArguments:
     teacher_pretrain_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of teacher pre-training (default: learning_rate)."}
     )
+    teacher_cache_top_k: int = field(
+        default=64,
+        metadata={
+            "help": "With teacher_cache_dir: the teacher's most likely tokens kept per position when the train stage "
+            "builds the cache (hf_matta.teacher_cache) before training."
+        },
+    )
 
     def __post_init__(self):
         if self.teacher_pretrain_steps < 1:
             raise ValueError(f"teacher_pretrain_steps={self.teacher_pretrain_steps} must be at least 1.")
+        if self.teacher_cache_top_k < 1:
+            raise ValueError(f"teacher_cache_top_k={self.teacher_cache_top_k} must be at least 1.")
         rate = self.teacher_pretrain_learning_rate
         if rate is not None and not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"teacher_pretrain_learning_rate={rate} must be a finite number above 0.")

@@ -61,6 +61,7 @@ from ..extract import (
 from ..files import atomic_folder, is_empty_folder, write_json_atomic
 from ..hub import write_lineage
 from ..models import MatGPT2Config, MatGPT2LMHeadModel
+from ..teacher_cache import TeacherCache, build_teacher_cache
 from ..trainer import MatTATrainer, load_teacher
 from ..widths import check_budgets, check_plan, count_parameters, format_plan, parse_budget, parse_plan, plan_name
 from .arguments import ExtractArguments, ModelArguments, PipelineArguments
@@ -272,6 +273,7 @@ def train_stage(run: Run) -> dict:
     start = time.perf_counter()
     tokenizer, blocks = run.prepared
     _derive_max_steps(args)
+    _ensure_teacher_cache(run, blocks["train"])
     model = build_nested_model(args.model, tokenizer)
     summary = _train(run, model, training_args, tokenizer, blocks, start)
     if run.is_main_process:
@@ -296,6 +298,33 @@ def train_stage(run: Run) -> dict:
             run.log(format_summary(baseline, title="baseline (no TA)"))
         outputs["baseline"] = {"folder": BASELINE_DIR, "summary": baseline}
     return outputs
+
+
+def _ensure_teacher_cache(run: Run, dataset) -> None:
+    """With `teacher_cache_dir`: the teacher's top-k cache of the training blocks, built there on the main process
+    unless finished (an interrupted build resumes); training (and the baseline's) then reads it."""
+    training_args = run.args.training
+    folder = training_args.teacher_cache_dir
+    if folder is None or training_args.teacher_weight == 0:
+        return
+    with training_args.main_process_first(desc="teacher cache"):
+        try:
+            TeacherCache(folder)
+            return  # finished; the trainer checks it against the training blocks
+        except (FileNotFoundError, ValueError):
+            pass
+        teacher = training_args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError(
+                f"teacher_cache_dir={folder!r} holds no finished teacher cache and teacher_model_name_or_path is not "
+                "set: name the teacher that builds it."
+            )
+        k = run.args.teacher.teacher_cache_top_k
+        run.log(f"building the teacher cache {folder}: the top-{k} tokens of {teacher} on {len(dataset)} blocks")
+        build_teacher_cache(
+            load_teacher(teacher).to(training_args.device), dataset, folder, top_k=k,
+            temperature=training_args.teacher_temperature, batch_size=training_args.per_device_eval_batch_size,
+        )  # fmt: skip
 
 
 def _derive_max_steps(args: PipelineArguments) -> None:
