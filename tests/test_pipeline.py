@@ -434,6 +434,11 @@ def test_pretrain_teacher_outside_the_pipeline(tmp_path, datasets_cache):
     assert not list(tmp_path.glob(".*"))  # no temporary folder left
     with pytest.raises(FileExistsError, match="not empty"):  # an existing teacher is never overwritten (nor trained)
         pretrain_teacher(config, args, tokenizer, None, tmp_path / "teacher", max_steps=1)
+    torch.rand(7)  # whatever drew random numbers before, the same seed gives the same teacher
+    pretrain_teacher(config, args, tokenizer, blocks, tmp_path / "again", max_steps=2, learning_rate=1e-3)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    for name, tensor in teacher.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 # --- distributed launches of the recipe ----------------------------------------------------------------------------

@@ -213,6 +213,7 @@ def pretrain_teacher(
     if learning_rate is not None:
         overrides["learning_rate"] = learning_rate
     plain = {name: value for name, value in args.to_dict().items() if name in plain_fields}
+    set_seed(args.seed)  # the teacher's initialisation, whatever drew random numbers before
     trainer = Trainer(
         model=GPT2LMHeadModel(config),
         args=TrainingArguments(**{**plain, **overrides}),
