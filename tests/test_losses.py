@@ -195,6 +195,18 @@ def test_chunked_equals_unchunked(labels, chunk_size, detach, with_teacher):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+def test_a_scaled_chunked_loss_scales_its_gradient(labels):
+    """The chunked loss's buffers hold the gradient of the loss as it is; an outer factor (DDP's number of
+    processes, gradient accumulation) still reaches them."""
+    student, ta = _logits(2)
+    grads = [
+        torch.autograd.grad(scale * matta_loss(student, labels, ta_logits=ta, chunk_size=4).total, [student, ta])
+        for scale in (1.0, 3.0)
+    ]
+    for once, thrice in zip(*grads):
+        torch.testing.assert_close(thrice, 3 * once)
+
+
 def test_chunked_bf16_logits_get_bf16_gradients(labels):
     (student,) = _logits(1, dtype=torch.bfloat16)
     loss = cross_entropy(student, labels, chunk_size=4)

@@ -153,11 +153,12 @@ def _chunk_sums_and_grads(
     terms: Sequence[_Term],
     weights: torch.Tensor,
     grad_terms: tuple[bool, ...],
-    needs_grad: tuple[bool, ...],
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """`_term_sums` of one chunk of rows and the gradient of `sum(weights * sums)` with respect to every logits
-    tensor in `needs_grad`, in closed form, with no autograd graph; only the terms in `grad_terms` (those of nonzero
-    weight) contribute to it. With q = softmax(z / tau), p = softmax(z_t / tau):
+    out: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """`_term_sums` of one chunk of rows; the gradient of `sum(weights * sums)` with respect to every logits tensor
+    with an `out` buffer (this chunk's rows of it, `(r, V)`) is written there, in closed form, with no autograd graph;
+    only the terms in `grad_terms` (those of nonzero weight) contribute to it. With q = softmax(z / tau),
+    p = softmax(z_t / tau):
 
         d/dz CE(y, z)             = softmax(z) - onehot(y)
         d/dz tau^2 KL(p || q)     = tau (q - p)
@@ -167,8 +168,9 @@ def _chunk_sums_and_grads(
     where p^ is p on the teacher's k tokens and, on the others, the tail mass spread as the student spreads its own
     tail (q_j (1 - sum p_i) / (1 - sum q_i)). One log-softmax per model and temperature serves every term's value and
     gradient (fp32 at least). This is the function `compiled=True` compiles: weights are a tensor, so that a changing
-    schedule weight does not trigger a recompilation.
+    schedule weight does not trigger a recompilation, and compiled, the gradient is computed straight into `out`.
     """
+    needs_grad = [buffer is not None for buffer in out]
     valid = targets.ne(IGNORE_INDEX).unsqueeze(-1)  # (r, 1)
     safe_targets = targets.clamp(min=0).unsqueeze(-1)  # (r, 1)
     log_probs: dict[tuple[int, float], torch.Tensor] = {}
@@ -201,9 +203,11 @@ def _chunk_sums_and_grads(
             kl_rows, log_q_tail, tail_p = _top_k_kl_rows(log_q, indices, log_p)
             sums.append(tau**2 * torch.where(valid, kl_rows, 0.0).sum())
             if grad_model:
-                p_hat = torch.zeros_like(log_q) if log_q_tail is None else (log_q - log_q_tail).exp_().mul_(tail_p)
-                p_hat.scatter_(-1, indices, log_p.exp())  # (r, V)
-                add_grad(term.model, log_q.exp().sub_(p_hat).mul_(weights[i] * tau))
+                q = log_q.exp()  # (r, V)
+                # off the k tokens q - p^ = q (1 - p_tail / q_tail); on them q - p
+                grad = q.clone() if log_q_tail is None else q * (1 - tail_p * (-log_q_tail).exp())
+                grad.scatter_(-1, indices, q.gather(-1, indices) - log_p.exp())
+                add_grad(term.model, grad.mul_(weights[i] * tau))
             continue
         log_p = log_softmax(term.target, tau)
         p = log_p.exp()  # (r, V), the distribution taught
@@ -214,7 +218,10 @@ def _chunk_sums_and_grads(
             add_grad(term.model, (log_q.exp() - p).mul_(weights[i] * tau))
         if grad_terms[i] and not term.detach_target and needs_grad[term.target]:
             add_grad(term.target, p.mul_(log_ratio.sub_(kl_rows)).mul_(weights[i] * tau))
-    return torch.stack(sums), [None if grad is None else torch.where(valid, grad, 0.0) for grad in grads]
+    for buffer, grad in zip(out, grads):
+        if buffer is not None:
+            buffer.copy_(torch.where(valid, grad, 0.0) if grad is not None else torch.zeros_like(buffer))
+    return torch.stack(sums)
 
 
 class _Compiled:
@@ -271,25 +278,22 @@ class _ChunkedTerms(torch.autograd.Function):
 
     Forward computes, chunk by chunk, the terms and (in closed form, `_chunk_sums_and_grads`) the gradient of their
     weighted sum with respect to that chunk of every logits tensor that requires grad, and writes it into one `(n, V)`
-    buffer per such tensor; backward only scales the buffers. So no chunk's intermediates outlive the chunk, and no
-    autograd graph is built over vocabulary-sized tensors. The per-term sums are not differentiable.
+    buffer per such tensor; backward only scales the buffers (by the incoming gradient, which the weights already
+    hold the 1 / num_items of). So no chunk's intermediates outlive the chunk, and no autograd graph is built over
+    vocabulary-sized tensors. The per-term sums are not differentiable.
     """
 
     @staticmethod
     def forward(ctx, targets, terms, weights, chunk_size, compiled, *logits):
         needs_grad = tuple(isinstance(z, torch.Tensor) and z.requires_grad for z in logits)
         grad_terms = tuple(weight != 0 for weight in weights.tolist())
-        grads = [torch.zeros_like(z) if need else None for z, need in zip(logits, needs_grad)]
+        grads = [torch.empty_like(z) if need else None for z, need in zip(logits, needs_grad)]  # every row written
         run = _Compiled.run if compiled else _chunk_sums_and_grads
         sums = torch.zeros_like(weights)
         for start in range(0, targets.numel(), chunk_size):
             rows = slice(start, start + chunk_size)
             chunk = [_rows(z, rows) for z in logits]
-            chunk_sums, chunk_grads = run(chunk, targets[rows], terms, weights, grad_terms, needs_grad)
-            for buffer, grad in zip(grads, chunk_grads):
-                if buffer is not None and grad is not None:
-                    buffer[rows] = grad
-            sums += chunk_sums
+            sums += run(chunk, targets[rows], terms, weights, grad_terms, [_rows(g, rows) for g in grads])
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.needs_grad = needs_grad
         total = (weights * sums)[weights != 0].sum()
@@ -300,7 +304,10 @@ class _ChunkedTerms(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total, grad_sums):
         buffers = iter(ctx.saved_tensors)
-        grads = [next(buffers).mul_(grad_total) if need else None for need in ctx.needs_grad]
+        # A loss differentiated as it is sends 1: no pass over the buffers then (read only where it is free, the CPU)
+        unscaled = grad_total.device.type == "cpu" and grad_total.item() == 1.0
+        grads = [(next(buffers) if unscaled else next(buffers).mul_(grad_total)) if need else None
+                 for need in ctx.needs_grad]  # fmt: skip
         return None, None, None, None, None, *grads
 
 
@@ -347,8 +354,8 @@ def _weighted_terms(
         sums = _term_sums(flat, targets, terms)
         total = (weights * sums)[weights != 0].sum()
         return total / num_items, sums.detach() / num_items
-    total, sums = _ChunkedTerms.apply(targets, tuple(terms), weights, chunk_size, compiled, *flat)
-    return total / num_items, sums / num_items
+    total, sums = _ChunkedTerms.apply(targets, tuple(terms), weights / num_items, chunk_size, compiled, *flat)
+    return total, sums / num_items
 
 
 def _check_teacher_temperature(teacher: torch.Tensor | TopKLogProbs | None, temperature: float) -> None:
