@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from hf_matta.losses import (
     IGNORE_INDEX,
     TopKLogProbs,
+    _Compiled,
     compile_supported,
     count_valid_tokens,
     cross_entropy,
@@ -270,6 +271,55 @@ def test_top_k_teacher_with_every_token_is_the_full_kl(labels, chunk_size):
     torch.testing.assert_close(torch.autograd.grad(got, student)[0], torch.autograd.grad(full, student)[0])
 
 
+def _confident_logits(top: list[float], rest: float) -> torch.Tensor:
+    """fp32 logits `(B, T, V)`: `top` on the first tokens, `rest` on every other token."""
+    logits = torch.full((B, T, VOCAB), rest)
+    logits[..., : len(top)] = torch.tensor(top)
+    return logits
+
+
+CONFIDENT_TEACHERS = {  # the teacher's logits: on its 5 most likely tokens, and on every other
+    "no_tail": ([0.0, -100, -101, -102, -103], -150.0),  # at tau 0.5 its top token holds all: tail mass exactly 0
+    "tail": ([0.0, -1, -2, -3, -4], -5.0),
+}
+
+
+@pytest.mark.parametrize("teacher_logits", CONFIDENT_TEACHERS.values(), ids=CONFIDENT_TEACHERS.keys())
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_top_k_kl_gradient_is_finite_when_the_students_tail_underflows(labels, teacher_logits, chunk_size):
+    """A student that puts ~1e-50 of its mass outside the teacher's top k (its tail underflows in fp32 at
+    temperature 0.5) gets a finite gradient, autograd's of the unchunked reference, whether the teacher leaves mass
+    outside its top k or none."""
+    tau = 0.5
+    teacher = TopKLogProbs.from_logits(_confident_logits(*teacher_logits), 5, tau)
+    student = _confident_logits(torch.randn(5).tolist(), rest=-60.0).requires_grad_()
+    reference = kl_divergence(teacher, student, labels, temperature=tau, chunk_size=None)
+    got = kl_divergence(teacher, student, labels, temperature=tau, chunk_size=chunk_size)
+    torch.testing.assert_close(got, reference)
+    (grad,) = torch.autograd.grad(got, student)
+    (expected,) = torch.autograd.grad(reference, student)
+    assert torch.isfinite(expected).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_top_k_teacher_of_other_positions_is_refused(labels):
+    teacher_logits, student = _logits(2)
+    top_k = TopKLogProbs.from_logits(teacher_logits[:, :-1].detach(), 4)
+    message = r"indices \(3, 8, 4\).*the logits are \(3, 9, 99\), so \(\.\.\., T\) = \(3, 9\)"
+    with pytest.raises(ValueError, match=message):
+        kl_divergence(top_k, student, labels)
+
+
+def test_a_second_backward_through_the_chunked_loss_is_refused(labels):
+    """backward scales the chunked loss's gradient buffers in place: a retained graph's second backward would scale
+    them again, so it is refused."""
+    (z,) = _logits()
+    loss = 2 * cross_entropy(z, labels, chunk_size=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice through a retained graph"):
+        loss.backward()
+
+
 def test_top_k_teacher_needs_its_own_temperature_and_a_valid_k(labels):
     teacher_logits, student = _logits(2)
     top_k = TopKLogProbs.from_logits(teacher_logits, 4, temperature=1.0)
@@ -301,6 +351,8 @@ def test_compiled_loss_equals_the_eager_loss(labels, case):
         )  # fmt: skip
         eager = matta_loss(student, labels, compiled=False, **kwargs)
         compiled = matta_loss(student, labels, compiled=True, **kwargs)
+        # a compilation that fails at run time falls back to the eager function: this would compare eager with eager
+        assert _Compiled.failure is None, f"torch.compile failed: {_Compiled.failure}"
         torch.testing.assert_close(compiled.total, eager.total, atol=1e-6, rtol=1e-6)
         for name in eager.terms:
             torch.testing.assert_close(compiled.terms[name], eager.terms[name], atol=1e-6, rtol=1e-6)

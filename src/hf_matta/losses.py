@@ -203,11 +203,17 @@ def _chunk_sums_and_grads(
             kl_rows, log_q_tail, tail_p = _top_k_kl_rows(log_q, indices, log_p)
             sums.append(tau**2 * torch.where(valid, kl_rows, 0.0).sum())
             if grad_model:
-                q = log_q.exp()  # (r, V)
-                # off the k tokens q - p^ = q (1 - p_tail / q_tail); on them q - p
-                grad = q.clone() if log_q_tail is None else q * (1 - tail_p * (-log_q_tail).exp())
-                grad.scatter_(-1, indices, q.gather(-1, indices) - log_p.exp())
-                add_grad(term.model, grad.mul_(weights[i] * tau))
+                scale = weights[i] * tau
+                if log_q_tail is None:
+                    grad = log_q.exp().mul_(scale)  # (r, V)
+                else:
+                    # off the k tokens q - p^ = (q / q_tail) (q_tail - p_tail), the ratio taken in logs (<= 1 there):
+                    # a confident student's q_tail underflows, and q (1 - p_tail / q_tail) would be 0 * inf
+                    row_scale = (log_q_tail.exp() - tail_p).mul_(scale)  # (r, 1)
+                    grad = (log_q - log_q_tail).exp_().mul_(row_scale)  # (r, V)
+                # on the k tokens q - p (written over the ratio, which may overflow there)
+                grad.scatter_(-1, indices, (log_q.gather(-1, indices).exp() - log_p.exp()).mul_(scale))
+                add_grad(term.model, grad)
             continue
         log_p = log_softmax(term.target, tau)
         p = log_p.exp()  # (r, V), the distribution taught
@@ -278,15 +284,16 @@ class _ChunkedTerms(torch.autograd.Function):
 
     Forward computes, chunk by chunk, the terms and (in closed form, `_chunk_sums_and_grads`) the gradient of their
     weighted sum with respect to that chunk of every logits tensor that requires grad, and writes it into one `(n, V)`
-    buffer per such tensor; backward only scales the buffers (by the incoming gradient, which the weights already
-    hold the 1 / num_items of). So no chunk's intermediates outlive the chunk, and no autograd graph is built over
-    vocabulary-sized tensors. The per-term sums are not differentiable.
+    buffer per such tensor; backward only scales the buffers, in place (by the incoming gradient, which the weights
+    already hold the 1 / num_items of). So no chunk's intermediates outlive the chunk, and no autograd graph is built
+    over vocabulary-sized tensors. The per-term sums are not differentiable, and the loss is differentiated once
+    (a second backward through a retained graph is refused: its buffers are scaled already).
+    `grad_terms` says which terms have a nonzero weight.
     """
 
     @staticmethod
-    def forward(ctx, targets, terms, weights, chunk_size, compiled, *logits):
+    def forward(ctx, targets, terms, weights, grad_terms, chunk_size, compiled, *logits):
         needs_grad = tuple(isinstance(z, torch.Tensor) and z.requires_grad for z in logits)
-        grad_terms = tuple(weight != 0 for weight in weights.tolist())
         grads = [torch.empty_like(z) if need else None for z, need in zip(logits, needs_grad)]  # every row written
         run = _Compiled.run if compiled else _chunk_sums_and_grads
         sums = torch.zeros_like(weights)
@@ -296,19 +303,31 @@ class _ChunkedTerms(torch.autograd.Function):
             sums += run(chunk, targets[rows], terms, weights, grad_terms, [_rows(g, rows) for g in grads])
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.needs_grad = needs_grad
-        total = (weights * sums)[weights != 0].sum()
+        ctx.scaled = False
+        total = _weighted_total(weights, sums)
         ctx.mark_non_differentiable(sums)
         return total, sums
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total, grad_sums):
+        if ctx.scaled:
+            raise RuntimeError(
+                "the chunked loss was differentiated twice through a retained graph: its gradient buffers were scaled "
+                "in place by the first backward. Differentiate it once, or use chunk_size=None (plain autograd)."
+            )
         buffers = iter(ctx.saved_tensors)
         # A loss differentiated as it is sends 1: no pass over the buffers then (read only where it is free, the CPU)
         unscaled = grad_total.device.type == "cpu" and grad_total.item() == 1.0
+        ctx.scaled = not unscaled
         grads = [(next(buffers) if unscaled else next(buffers).mul_(grad_total)) if need else None
                  for need in ctx.needs_grad]  # fmt: skip
-        return None, None, None, None, None, *grads
+        return None, None, None, None, None, None, *grads
+
+
+def _weighted_total(weights: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """`sum(weights * sums)` over the terms of nonzero weight (a zero-weight term that is NaN stays out)."""
+    return torch.where(weights != 0, weights * sums, 0.0).sum()
 
 
 def _rows(z: _Logits, rows: slice) -> _Logits:
@@ -320,14 +339,21 @@ def _rows(z: _Logits, rows: slice) -> _Logits:
     return z[rows].detach()
 
 
-def _flatten(z: torch.Tensor | TopKLogProbs | None, vocab: int) -> _Logits:
-    """One model's logits `(..., T, V)` as `(n, V)` rows, a top-k teacher as its pair of `(n, k)` rows."""
+def _flatten(z: torch.Tensor | TopKLogProbs | None, like: torch.Tensor) -> _Logits:
+    """One model's logits `(..., T, V)` as `(n, V)` rows, a top-k teacher as its pair of `(n, k)` rows; `like` is
+    the first model's logits, whose positions a top-k teacher must cover."""
     if z is None:
         return None
     if isinstance(z, TopKLogProbs):
-        k = z.indices.size(-1)
-        return z.indices.reshape(-1, k), z.log_probs.reshape(-1, k)
-    return z.reshape(-1, vocab)
+        shape, positions = tuple(z.indices.shape), tuple(like.shape[:-1])
+        if shape[:-1] != positions or tuple(z.log_probs.shape) != shape:
+            raise ValueError(
+                f"the top-k teacher's indices {shape} and log_probs {tuple(z.log_probs.shape)} must be (..., T, k) "
+                f"over the logits' positions: the logits are {tuple(like.shape)}, so (..., T) = {positions}. Give "
+                "the teacher's targets of the same batch."
+            )
+        return z.indices.reshape(-1, shape[-1]), z.log_probs.reshape(-1, shape[-1])
+    return z.reshape(-1, like.size(-1))
 
 
 def _weighted_terms(
@@ -346,15 +372,16 @@ def _weighted_terms(
     if num_items is None:
         num_items = count_valid_tokens(labels).clamp(min=1)
     first = next(z for z in logits if isinstance(z, torch.Tensor))
-    flat = [_flatten(z, first.size(-1)) for z in logits]  # (n, V) views
+    flat = [_flatten(z, first) for z in logits]  # (n, V) views
     targets = shift_labels(labels).reshape(-1).to(first.device)  # (n,)
     dtype = torch.promote_types(first.dtype, torch.float32)
+    grad_terms = tuple(weight != 0 for weight in weights)  # from the Python weights: no device sync
     weights = torch.tensor(weights, dtype=dtype, device=targets.device)
     if chunk_size is None:
         sums = _term_sums(flat, targets, terms)
-        total = (weights * sums)[weights != 0].sum()
-        return total / num_items, sums.detach() / num_items
-    total, sums = _ChunkedTerms.apply(targets, tuple(terms), weights / num_items, chunk_size, compiled, *flat)
+        return _weighted_total(weights, sums) / num_items, sums.detach() / num_items
+    scaled_weights = weights / num_items
+    total, sums = _ChunkedTerms.apply(targets, tuple(terms), scaled_weights, grad_terms, chunk_size, compiled, *flat)
     return total, sums / num_items
 
 
