@@ -2,14 +2,18 @@
 from it (the loss of a live teacher restricted to the same top-k tokens, without running a teacher)."""
 
 import json
+import re
+import types
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from hf_matta import teacher_cache
 from hf_matta.losses import TopKLogProbs, matta_loss
-from hf_matta.pipeline import parse_args, run_pipeline
-from hf_matta.teacher_cache import TeacherCache, build_teacher_cache
+from hf_matta.pipeline import parse_args, run_pipeline, stages
+from hf_matta.pipeline.arguments import TeacherArguments
+from hf_matta.teacher_cache import TOP_K_INDICES, TOP_K_LOG_PROBS, TeacherCache, build_teacher_cache
 from hf_matta.trainer import MatTATrainer
 
 from .conftest import tiny_kwargs
@@ -68,6 +72,43 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, teacher):
     fresh = build_teacher_cache(teacher, rows, tmp_path / "fresh", top_k=K, shard_rows=3)
     for i in range(10):
         assert all(torch.equal(a, b) for a, b in zip(cache[i], fresh[i]))
+
+
+def test_a_resumed_build_on_other_rows_is_refused(tmp_path, teacher):
+    """Resuming skips the recorded shards only when their rows are the dataset's: else the cache would mix rows."""
+
+    def stop_after_one(done: int, total: int) -> None:
+        if done == 1:
+            raise KeyboardInterrupt
+
+    folder = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_cache(teacher, _rows(10), folder, top_k=K, shard_rows=3, progress=stop_after_one)
+    message = f"rows 0..2 of the dataset differ .*: delete {re.escape(str(folder))} to rebuild it .*teacher_cache_dir"
+    with pytest.raises(ValueError, match=message):
+        build_teacher_cache(teacher, _rows(10, seed=7), folder, top_k=K, shard_rows=3)
+
+
+def test_an_interrupted_shard_write_leaves_no_temporary_file(tmp_path, teacher, monkeypatch):
+    """An interrupt while a shard is written removes its temporary file; one left by a killed build (a process that
+    no longer runs) is removed when the build resumes."""
+
+    def interrupted(tensors: dict, filename: str) -> None:
+        with open(filename, "wb") as file:
+            file.write(b"half a shard")
+        raise KeyboardInterrupt
+
+    folder = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(teacher_cache, "save_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_teacher_cache(teacher, _rows(4), folder, top_k=K, shard_rows=2)
+    assert sorted(path.name for path in folder.iterdir()) == ["manifest.json"]
+    (folder / ".shard-00000.safetensors.tmp-999999999").write_bytes(b"left by a killed build")
+    build_teacher_cache(teacher, _rows(4), folder, top_k=K, shard_rows=2)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"
+    ]  # fmt: skip
 
 
 REBUILDS = [  # (what differs in a second build into the same folder, text the error must hold)
@@ -147,6 +188,55 @@ def test_a_cache_that_does_not_match_the_run_is_refused(tmp_path, teacher, chang
     rows = _rows(change.pop("rows", 10), seed=change.pop("rows_seed", 0))
     with pytest.raises(ValueError, match=message):
         _cached_trainer(tmp_path, tmp_path / "cache", rows, **change)
+
+
+def test_cached_targets_keep_their_dtype_when_deepspeed_casts_the_batch(tmp_path, monkeypatch):
+    """Under DeepSpeed, Trainer casts a batch's floating tensors to the engine's dtype (here a fake bf16 engine): the
+    cached log-probabilities only move to the device, or bf16 rounding would bias the tail mass 1 - sum p."""
+    trainer = MatTATrainer(model=_student(), args=_args(tmp_path), train_dataset=_rows(4), data_collator=_collate)
+    engine_dtype = types.SimpleNamespace(dtype=lambda: torch.bfloat16)
+    state = types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(hf_ds_config=engine_dtype))
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    monkeypatch.setattr(trainer, "accelerator", types.SimpleNamespace(state=state))
+    log_probs = torch.randn(2, 16, 20).log_softmax(-1)[..., :K]  # k = 5 of 20 tokens: a tail is left
+    batch = {
+        **_collate(_rows(2)), "scores": torch.rand(2, 16), TOP_K_INDICES: torch.zeros(2, 16, K, dtype=torch.long),
+        TOP_K_LOG_PROBS: log_probs,
+    }  # fmt: skip
+    prepared = trainer._prepare_inputs(batch)
+    assert prepared["scores"].dtype == torch.bfloat16  # the fake engine casts the rest of the batch
+    assert prepared["input_ids"].dtype == prepared[TOP_K_INDICES].dtype == torch.long
+    assert prepared[TOP_K_LOG_PROBS].dtype == torch.float32 and torch.equal(prepared[TOP_K_LOG_PROBS], log_probs)
+
+
+STAGE_TEACHERS = [  # (the run's teacher, from the folder {tmp}, and teacher_cache_top_k; text of the error or None)
+    ("{tmp}/teacher-a", K, None),
+    ("{tmp}/sub/../teacher-a", K, None),  # the same folder by another name
+    ("teacher-b", K, "of the teacher '.*teacher-a', but this run asks for the top-5 of teacher_model_name_or_path="
+                     "'teacher-b'"),
+    ("{tmp}/teacher-a", K + 1, "holds the top-5 targets .* asks for the top-6 .*: delete .* or choose another"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,top_k,message", STAGE_TEACHERS)
+def test_the_train_stage_refuses_a_finished_cache_of_another_teacher_or_top_k(tmp_path, teacher, name, top_k, message):
+    for folder in ("teacher-a", "sub"):
+        (tmp_path / folder).mkdir()
+    rows = _rows(4)
+    build_teacher_cache(teacher, rows, tmp_path / "cache", top_k=K, teacher_name=f"{tmp_path}/teacher-a")
+    training = _args(tmp_path / "out", teacher_cache_dir=str(tmp_path / "cache"),
+                     teacher_model_name_or_path=name.format(tmp=tmp_path))  # fmt: skip
+    lines = []
+    run = types.SimpleNamespace(
+        args=types.SimpleNamespace(training=training, teacher=TeacherArguments(teacher_cache_top_k=top_k)),
+        log=lines.append,
+    )
+    if message is None:
+        stages._ensure_teacher_cache(run, rows)
+        assert lines == []  # reused as it is: nothing built
+        return
+    with pytest.raises(ValueError, match=message):
+        stages._ensure_teacher_cache(run, rows)
 
 
 @pytest.mark.usefixtures("datasets_cache")

@@ -1,5 +1,6 @@
 """MatTATrainingArguments and MatTATrainer on tiny in-process models (CPU, seconds)."""
 
+import contextlib
 import copy
 import json
 import math
@@ -273,6 +274,36 @@ def test_ta_backward_first_takes_the_one_backward_step(tmp_path, teacher, settin
     assert any(not torch.allclose(params[True][name], initial[name]) for name in initial)
     for name in params[True]:
         torch.testing.assert_close(params[True][name], params[False][name], atol=1e-6, rtol=0)
+
+
+def test_the_tas_backward_leaves_trainers_no_sync_in_force(tmp_path, monkeypatch):
+    """In a micro-batch before the step's last, Trainer has turned gradient synchronisation off: the TA's backward
+    enters no second no_sync, whose exit would turn it back on for the student's backward (as FSDP2's does)."""
+    trainer = _trainer(tmp_path)
+    syncing = [True]
+
+    @contextlib.contextmanager
+    def no_sync(model):  # accelerate's under FSDP2: set_requires_gradient_sync(False), then True at exit
+        syncing[0] = False
+        try:
+            yield
+        finally:
+            syncing[0] = True
+
+    monkeypatch.setattr(trainer.accelerator, "no_sync", no_sync)
+    state = trainer.accelerator.gradient_state
+    try:
+        state._set_sync_gradients(False)  # a micro-batch before the last: Trainer's loop runs it under no_sync
+        with trainer.accelerator.no_sync(trainer.model):
+            with trainer._gradients_kept_local(trainer.model):
+                assert not syncing[0]
+            assert not syncing[0] and not state.sync_gradients  # the student's backward does not synchronise
+        state._set_sync_gradients(True)  # the step's last micro-batch: only the TA's backward waits
+        with trainer._gradients_kept_local(trainer.model):
+            assert not syncing[0] and not state.sync_gradients
+        assert syncing[0] and state.sync_gradients
+    finally:
+        state._set_sync_gradients(True)
 
 
 DDP_SCRIPT = """

@@ -15,14 +15,29 @@ from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file and a rename (readers never see half a file)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file at; when the block completes, it becomes `path`.
+
+    An exception in the block (Ctrl-C included) removes the temporary file and leaves `path` as it was. A process
+    killed in the block leaves a hidden `.NAME.tmp-PID` file, which the next write to `path` removes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and a rename (readers never see half a file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
@@ -52,10 +67,7 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     if not replace and not is_empty_folder(path):
         raise FileExistsError(f"{path} exists and is not empty; it is left as it is (choose another folder).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):  # left by a writer that was killed
-        for leftover in path.parent.glob(pattern):
-            if not _process_alive(leftover.name.rsplit("-", 1)[-1]):
-                shutil.rmtree(leftover, ignore_errors=True)
+    _remove_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -73,6 +85,17 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
         os.rename(tmp, path)
 
 
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary files or folders of `path` (`.NAME.tmp-PID`, `.NAME.old-PID`) that a killed writer left."""
+    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
+        for leftover in path.parent.glob(pattern):
+            if not _process_alive(leftover.name.rsplit("-", 1)[-1]):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+
+
 def _process_alive(pid: str) -> bool:
     """Whether a process with this id (as written in a temporary folder's name) is running."""
     if not pid.isdigit():
@@ -86,4 +109,4 @@ def _process_alive(pid: str) -> bool:
     return True
 
 
-__all__ = ["atomic_folder", "is_empty_folder", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_file", "atomic_folder", "is_empty_folder", "write_json_atomic", "write_text_atomic"]

@@ -9,14 +9,15 @@ vocabulary as one bucket (`hf_matta.losses`, module docstring, says why this and
     cache = build_teacher_cache(teacher, train_dataset, "outputs/teacher_cache", top_k=64)
     args = MatTATrainingArguments(..., teacher_cache_dir="outputs/teacher_cache")   # no teacher needed to train
 
-The folder: `manifest.json` (k, temperature, rows, sequence length, vocabulary, the teacher's fingerprint and, for
-every finished shard, a digest of the input ids it was computed on) and `shard-00000.safetensors`, ..., each holding
-`indices` `(rows, T, k)` int32 and `log_probs` `(rows, T, k)` float32 for `shard_rows` consecutive rows of the dataset.
-A shard is written under a temporary name and renamed when whole, then recorded in the manifest, so an interrupted
-build resumes at the first unrecorded shard; a build asked with other settings, another teacher or other rows than
-the folder holds is refused. Training checks the digests against its dataset before the first step. The rows must be
-packed blocks of one length with no padding (what `hf_matta.data.tokenize_and_pack` makes). Size on disk: 8 x k bytes
-per token (k = 64: 512 bytes, against 201 kB for a token's fp32 logits over GPT-2's 50257 tokens).
+The folder: `manifest.json` (k, temperature, rows, sequence length, vocabulary, the teacher's fingerprint and name
+and, for every finished shard, a digest of the input ids it was computed on) and `shard-00000.safetensors`, ..., each
+holding `indices` `(rows, T, k)` int32 and `log_probs` `(rows, T, k)` float32 for `shard_rows` consecutive rows of the
+dataset. A shard is written under a temporary name and renamed when whole, then recorded in the manifest, so an
+interrupted build resumes at the first unrecorded shard; a build asked with other settings, another teacher or other
+rows than the folder holds is refused (the rows of every recorded shard are compared with its digest). Training
+checks the digests against its dataset before the first step. The rows must be packed blocks of one length with no
+padding (what `hf_matta.data.tokenize_and_pack` makes). Size on disk: 8 x k bytes per token (k = 64: 512 bytes,
+against 201 kB for a token's fp32 logits over GPT-2's 50257 tokens).
 """
 
 import hashlib
@@ -30,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import write_json_atomic
+from .files import atomic_file, write_json_atomic
 from .losses import TopKLogProbs
 
 
@@ -72,6 +73,15 @@ def _shard_file(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:05d}.safetensors"
 
 
+def _other_rows_error(folder: Path, start: int, end: int, rows: str) -> ValueError:
+    """The error for rows that differ from those a shard of the cache at `folder` was computed on."""
+    return ValueError(
+        f"rows {start}..{end - 1} of {rows} differ from those the teacher cache at {folder} was built on (another "
+        f"tokenizer, block size, split or order?): delete {folder} to rebuild it for these rows, or choose another "
+        "teacher_cache_dir."
+    )
+
+
 def build_teacher_cache(
     teacher: nn.Module,
     dataset: Sequence,
@@ -82,6 +92,7 @@ def build_teacher_cache(
     shard_rows: int = 1024,
     device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
+    teacher_name: str | None = None,
 ) -> "TeacherCache":
     """One pass of `teacher` over `dataset` (rows with `input_ids`), storing the top-`top_k` log-probabilities of
     softmax(logits / `temperature`) at every position in `folder`; resumes a build that was interrupted there.
@@ -93,6 +104,8 @@ def build_teacher_cache(
         temperature: the teacher temperature training will use (`teacher_temperature`); the tail bucket's mass is
             known only at this temperature.
         progress: called with (shards done, shards in all) after each shard.
+        teacher_name: the teacher's path or Hub id, recorded in the manifest (`TeacherCache.teacher_name`) so that a
+            run can tell which teacher a cache holds without loading it; default: `teacher.name_or_path`.
     Returns the finished cache.
     """
     folder = Path(folder)
@@ -117,7 +130,8 @@ def build_teacher_cache(
         "seq_len": _input_ids(dataset, 0, 1).shape[-1], "vocab_size": vocab_size, "shard_rows": shard_rows,
         "teacher": teacher_fingerprint(teacher),
     }  # fmt: skip
-    manifest = _start_manifest(folder, settings)
+    teacher_name = teacher_name or getattr(teacher, "name_or_path", None) or None
+    manifest = _start_manifest(folder, settings, teacher_name)
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
@@ -126,9 +140,12 @@ def build_teacher_cache(
         for shard in range(num_shards):
             key = f"{shard:05d}"
             start, end = shard * shard_rows, min(num_rows, (shard + 1) * shard_rows)
-            if key in manifest["shards"] and _shard_file(folder, shard).is_file():
-                continue
             input_ids = _input_ids(dataset, start, end)  # (rows, T)
+            digest = _digest(input_ids)
+            if key in manifest["shards"] and _shard_file(folder, shard).is_file():
+                if manifest["shards"][key] != digest:  # a resume on other rows would make a mixed cache
+                    raise _other_rows_error(folder, start, end, "the dataset")
+                continue
             if input_ids.shape[-1] != settings["seq_len"]:
                 raise ValueError(
                     f"rows {start}..{end - 1} hold {input_ids.shape[-1]} tokens, row 0 holds {settings['seq_len']}: "
@@ -140,10 +157,9 @@ def build_teacher_cache(
                 "indices": torch.cat([part.indices for part in parts]).to(torch.int32).contiguous(),
                 "log_probs": torch.cat([part.log_probs for part in parts]).float().contiguous(),
             }
-            tmp = folder / f".{_shard_file(folder, shard).name}.tmp-{os.getpid()}"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, _shard_file(folder, shard))
-            manifest["shards"][key] = _digest(input_ids)
+            with atomic_file(_shard_file(folder, shard)) as tmp:  # an interrupt leaves no half-written shard
+                save_file(tensors, str(tmp))
+            manifest["shards"][key] = digest
             write_json_atomic(folder / _MANIFEST, manifest)
             if progress is not None:
                 progress(len(manifest["shards"]), num_shards)
@@ -160,9 +176,10 @@ def _top_k(teacher: nn.Module, input_ids: torch.LongTensor, k: int, temperature:
     return TopKLogProbs(top.indices.cpu(), top.log_probs.cpu(), temperature)
 
 
-def _start_manifest(folder: Path, settings: dict) -> dict:
+def _start_manifest(folder: Path, settings: dict, teacher_name: str | None) -> dict:
     """The manifest of a build: a new one, or the one a previous build left, if it was asked with the same
-    settings (otherwise refused, naming what differs)."""
+    settings (otherwise refused, naming what differs); `teacher_name` is recorded in it (the same weights, as the
+    fingerprint says, may be given under another name)."""
     path = folder / _MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text())
@@ -175,10 +192,13 @@ def _start_manifest(folder: Path, settings: dict) -> dict:
                 f"{folder} holds a teacher cache built with other settings ({described}): it is left as it is; "
                 "choose another folder, or delete this one to rebuild it."
             )
+        if manifest.get("teacher_name") != teacher_name:
+            manifest["teacher_name"] = teacher_name
+            write_json_atomic(path, manifest)
         return manifest
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists, is not empty and holds no teacher cache: choose another folder.")
-    manifest = {"format": _FORMAT, **settings, "shards": {}}
+    manifest = {"format": _FORMAT, **settings, "teacher_name": teacher_name, "shards": {}}
     write_json_atomic(path, manifest)
     return manifest
 
@@ -187,7 +207,7 @@ class TeacherCache:
     """A finished teacher cache (`build_teacher_cache`): the cached top-k targets of every dataset row.
 
     `cache[i]` is `(indices, log_probs)` of row `i`, `(T, k)` each (int64, float32), read from the shard files as
-    memory maps.
+    memory maps. `teacher_name` is the path or Hub id of the teacher that built it (None if it had none).
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -206,6 +226,7 @@ class TeacherCache:
         self.manifest = manifest
         self.top_k, self.temperature = manifest["top_k"], manifest["temperature"]
         self.num_rows, self.shard_rows = manifest["num_rows"], manifest["shard_rows"]
+        self.teacher_name = manifest.get("teacher_name")
         num_shards = -(-self.num_rows // self.shard_rows)
         missing = [shard for shard in range(num_shards) if f"{shard:05d}" not in manifest["shards"]
                    or not _shard_file(self.folder, shard).is_file()]  # fmt: skip
@@ -237,17 +258,14 @@ class TeacherCache:
         if len(dataset) != self.num_rows:
             raise ValueError(
                 f"the training set has {len(dataset)} rows but the teacher cache at {self.folder} was built on "
-                f"{self.num_rows}: rebuild the cache for this training set (build_teacher_cache)."
+                f"{self.num_rows}: delete {self.folder} to rebuild it for this training set, or choose another "
+                "teacher_cache_dir."
             )
         for key, digest in sorted(self.manifest["shards"].items()):
             start = int(key) * self.shard_rows
             end = min(self.num_rows, start + self.shard_rows)
             if _digest(_input_ids(dataset, start, end)) != digest:
-                raise ValueError(
-                    f"rows {start}..{end - 1} of the training set differ from those the teacher cache at "
-                    f"{self.folder} was built on (another tokenizer, block size, split or order?): rebuild the cache "
-                    "for this training set (build_teacher_cache)."
-                )
+                raise _other_rows_error(self.folder, start, end, "the training set")
 
     def targets(self, batch: dict) -> TopKLogProbs | None:
         """The cached teacher targets a collated batch carries (`TeacherTargetsCollator`), or None."""

@@ -499,6 +499,14 @@ class MatTATrainer(Trainer):
         step, total = self.state.global_step, self.state.max_steps
         return args.student_weight_at(step, total), args.distill_weight_at(step, total)
 
+    def _prepare_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Trainer's, except that the cached teacher targets only move to the device: under DeepSpeed, Trainer casts
+        every floating tensor of a batch to the engine's dtype, and bf16 log-probabilities would bias the tail mass
+        1 - sum p that the top-k KL reads."""
+        cached = {key: inputs[key].to(self.args.device) for key in BATCH_KEYS if key in inputs}
+        rest = {key: value for key, value in inputs.items() if key not in cached}
+        return {**super()._prepare_inputs(rest), **cached}
+
     def _split_batch(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`(labels, the model's inputs)`: the batch less its labels and its cached teacher targets."""
         labels = inputs.get("labels")
@@ -523,8 +531,9 @@ class MatTATrainer(Trainer):
                 return cached
             if not evaluating:
                 raise ValueError(
-                    f"teacher_cache_dir is set but a training batch carries no cached targets (keys: {sorted(inputs)})"
-                    ": train on the train_dataset the trainer was given, whose rows it pairs with the cache."
+                    f"teacher_cache_dir={self.args.teacher_cache_dir!r} is set but a training batch carries no cached "
+                    f"targets (keys: {sorted(inputs)}): train on the train_dataset the trainer was given, whose rows "
+                    "it pairs with the cache."
                 )
         if self.teacher is None:
             return None
@@ -625,12 +634,14 @@ class MatTATrainer(Trainer):
         """The first of a step's two backwards accumulates its gradients locally, as a gradient-accumulation
         micro-batch does: DDP's all-reduce and FSDP's reduce-scatter wait for the second (unless
         `sync_each_batch` asks for one per backward), and DeepSpeed takes no optimizer step after it. Both the
-        forward and the backward run inside (DDP decides at the forward whether its backward synchronises)."""
+        forward and the backward run inside (DDP decides at the forward whether its backward synchronises).
+        In a micro-batch before the step's last, Trainer's own context already keeps the gradients local: no second
+        one is entered (FSDP2's would turn synchronisation back on at its exit, for the student's backward too)."""
         state = self.accelerator.gradient_state
         synced = state.sync_gradients
         state._set_sync_gradients(False)  # read by accelerator.backward: DeepSpeed's accumulation boundary
         try:
-            if state.plugin_kwargs.get("sync_each_batch", False):
+            if not synced or state.plugin_kwargs.get("sync_each_batch", False):
                 context = contextlib.nullcontext()
             elif self.is_distributed_loading_by_transformers and is_fsdp_managed_module(self.model):
                 context = self._defer_fsdp_gradient_reduction()  # Trainer's own rule for such models

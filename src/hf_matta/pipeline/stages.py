@@ -303,29 +303,53 @@ def train_stage(run: Run) -> dict:
 
 def _ensure_teacher_cache(run: Run, dataset) -> None:
     """With `teacher_cache_dir`: the teacher's top-k cache of the training blocks, built there on the main process
-    unless finished (an interrupted build resumes); training (and the baseline's) then reads it."""
+    unless finished (an interrupted build resumes); training (and the baseline's) then reads it. A finished cache
+    of another teacher or another top-k is refused (a build refuses an unfinished one: its settings differ)."""
     training_args = run.args.training
     folder = training_args.teacher_cache_dir
     if folder is None or training_args.teacher_weight == 0:
         return
+    teacher = training_args.teacher_model_name_or_path
+    k = run.args.teacher.teacher_cache_top_k
     with training_args.main_process_first(desc="teacher cache"):
         try:
-            TeacherCache(folder)
-            return  # finished; the trainer checks it against the training blocks
+            cache = TeacherCache(folder)
         except (FileNotFoundError, ValueError):
-            pass
-        teacher = training_args.teacher_model_name_or_path
+            cache = None
+        if cache is not None:  # finished; the trainer checks it against the training blocks
+            _check_cache_teacher(cache, teacher, k)
+            return
         if teacher is None:
             raise ValueError(
                 f"teacher_cache_dir={folder!r} holds no finished teacher cache and teacher_model_name_or_path is not "
                 "set: name the teacher that builds it."
             )
-        k = run.args.teacher.teacher_cache_top_k
         run.log(f"building the teacher cache {folder}: the top-{k} tokens of {teacher} on {len(dataset)} blocks")
         build_teacher_cache(
             load_teacher(teacher).to(training_args.device), dataset, folder, top_k=k,
             temperature=training_args.teacher_temperature, batch_size=training_args.per_device_eval_batch_size,
+            teacher_name=teacher,
         )  # fmt: skip
+
+
+def _check_cache_teacher(cache: TeacherCache, teacher: str | None, top_k: int) -> None:
+    """Refuse a finished cache built by another teacher (when the run names one) or with another top-k. The cache
+    records the teacher as the config named it (no absolute path: a moved project keeps its cache); two names of one
+    local folder are the same teacher."""
+    recorded = cache.teacher_name
+    same_teacher = teacher is None or recorded == teacher or _same_folder(recorded, teacher)
+    if not same_teacher or cache.top_k != top_k:
+        raise ValueError(
+            f"teacher_cache_dir={str(cache.folder)!r} holds the top-{cache.top_k} targets of the teacher "
+            f"{cache.teacher_name!r}, but this run asks for the top-{top_k} of teacher_model_name_or_path="
+            f"{teacher!r} (teacher_cache_top_k={top_k}): delete {cache.folder} to rebuild it, or choose another "
+            "teacher_cache_dir."
+        )
+
+
+def _same_folder(path: str | None, other: str) -> bool:
+    """Whether two paths name one existing file or folder."""
+    return path is not None and Path(path).exists() and Path(other).exists() and Path(path).samefile(other)
 
 
 def _derive_max_steps(args: PipelineArguments) -> None:
