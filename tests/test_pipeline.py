@@ -302,6 +302,8 @@ def test_dry_run_writes_one_repo_per_student_whose_card_holds_its_results(tiny_r
     published = read_record(out, "publish")["outputs"]["published"]
     students = read_record(out, "extract")["outputs"]["students"]
     assert [item["name"] for item in published] == [student["name"] for student in students]
+    for student in students:  # each extracted folder carries the record, so `hf-matta publish` can card it alone
+        assert json.loads((out / student["folder"] / "matta_lineage.json").read_text()) == lineage
     results = {s["name"]: s["results"] for s in json.loads((out / "eval/results.json").read_text())["students"]}
     report = (out / "report.md").read_text()
     for item in published:

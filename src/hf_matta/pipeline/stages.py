@@ -59,7 +59,7 @@ from ..extract import (
     validation_loss,
 )
 from ..files import atomic_folder, is_empty_folder, write_json_atomic
-from ..hub import write_lineage
+from ..hub import read_lineage, write_lineage
 from ..models import MatGPT2Config, MatGPT2LMHeadModel
 from ..teacher_cache import TeacherCache, build_teacher_cache
 from ..trainer import MatTATrainer, load_teacher
@@ -495,9 +495,11 @@ def extract_stage(run: Run) -> dict:
     batch_size = run.args.training.per_device_eval_batch_size
     search = run.args.extract.extract_strategy == "search" and run.args.extract.extract_budgets
     input_ids = run.heldout_ids if search else None
+    lineage = read_lineage(run.output_dir)  # each student carries the training run's record (its model card's source)
     for widths in resolve_plans(run.args.extract, config, model, input_ids, batch_size):
         folder = Path(STUDENTS_DIR) / plan_name(widths)
-        save_student(extract_student(model, widths), run.output_dir / folder, tokenizer, overwrite=True)
+        student = extract_student(model, widths)
+        save_student(student, run.output_dir / folder, tokenizer, overwrite=True, lineage=lineage)
         students.append(
             {
                 "name": plan_name(widths),
