@@ -237,8 +237,8 @@ def teaching_lines(summary: dict) -> list[str]:
         f"{100 * TA_LEAD_GOAL:.0f} %)" + (": its extra neurons repeat the student's direction" if redundant else "")
         + f". With {tokens_per_parameter:.1f} training tokens per student parameter the student is not short of "
         "capacity and distillation hands it what the TA learnt. A TA leads only where a model of its size alone "
-        "clearly beats one of the student's after the same tokens: benchmarks/RESULTS.md (quality.py) found no such "
-        "regime at CPU scale",
+        "clearly beats one of the student's after the same tokens and the student's width binds: "
+        "benchmarks/RESULTS.md measures such a regime (quality.py --setting narrow)",
     ]
 
 
