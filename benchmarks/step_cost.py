@@ -38,6 +38,10 @@ MFU: model FLOPs per step (`hf_matta.widths.count_flops_per_token`, x3 for a tra
 the step time, against the peak of a square matmul timed in this run (CPU) or the device's nominal bf16 peak (CUDA;
 the measured matmul peak is printed beside it).
 
+`--arms a b c e3` times only those arms (a, b, c and the defaults arm are always kept: the headline ratios need
+them): a round of the four takes a third of the time of all nine on gpt2-small, so more rounds fit in the same time.
+The section it writes is named after the arms, beside the full table.
+
 The last line printed is `overhead_ratio=<x> memory_ratio=<y>` (the defaults arm). Results go into this size and
 device's section of `--out` (RESULTS.md by default) and, with `--json`, into a JSON file.
 """
@@ -89,6 +93,8 @@ SIZES = {
     ),
 }  # fmt: skip
 DEFAULT_SIZES = {"cpu": ["tiny"], "cuda": ["gpt2-small", "gpt2-medium"]}
+ARMS = ("a", "b", "c", "d", "e0", "e1", "e2", "e3", "f")
+REQUIRED_ARMS = ("a", "b", "c")  # the passes every ratio is measured against
 # Nominal dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring, most specific
 # first; a device not listed is measured against its timed matmul peak only.
 BF16_PEAKS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
@@ -195,8 +201,8 @@ class Bench:
     """The models, batches and arms of one size on one device."""
 
     def __init__(self, size_name: str, device: torch.device, dtype: torch.dtype, batch_size: int, repeats: int,
-                 warmup: int, work: Path):  # fmt: skip
-        self.size_name, self.device, self.dtype, self.work = size_name, device, dtype, work
+                 warmup: int, work: Path, arms: set[str]):  # fmt: skip
+        self.size_name, self.device, self.dtype, self.work, self.selected = size_name, device, dtype, work, arms
         size = SIZES[size_name]
         self.size, self.seq, self.batch_size = size, size["seq"], batch_size
         self.repeats, self.warmup = repeats, warmup
@@ -233,9 +239,9 @@ class Bench:
         configs, device = self.configs, self.device
         self.teacher = _gpt2(configs["teacher"], device).eval().requires_grad_(False)
         self.teacher_bytes = sum(p.numel() * p.element_size() for p in self.teacher.parameters())
-        self.cache_build_seconds = self._build_cache()
+        self.cache_build_seconds = self._build_cache() if "f" in self.selected else None
         student_width, ta_width = configs["nested"].student_width, configs["ta"].n_inner[0]
-        arms = [
+        groups = [
             *self._group("a", lambda: [self._plain_arm("a", "(a) CE step, TA size", configs["ta"])]),
             *self._group("b", lambda: [self._plain_arm("b", "(b) CE step, student size", configs["student"])]),
             *self._group("teacher", lambda: [Arm("c", "(c) teacher forward", self._teacher_step,
@@ -244,13 +250,15 @@ class Bench:
                                                          [student_width])]),
             *self._group("nested", lambda: self._nested_arms([student_width, ta_width])),
         ]  # fmt: skip
-        return {arm.key: arm for arm in arms}
+        return {arm.key: arm for arm in groups}
 
     def _group(self, group: str, make: Callable[[], list[Arm]]) -> list[Arm]:
         """Build a group's arms (their step closures hold the models), warm them up, and record what the group's
         models hold once warm."""
+        if group in ("a", "b", "d") and group not in self.selected:
+            return []
         before = self.memory.current()
-        arms = make()
+        arms = [arm for arm in make() if arm.key in self.selected]
         for arm in arms:
             for batch in (arm.batches or self.batches)[: self.warmup]:
                 with self.autocast():
@@ -310,10 +318,14 @@ class Bench:
         ]  # fmt: skip
         arms = []
         for key, name, options in variants:
+            if key not in self.selected:
+                continue
             trainer = MatTATrainer(model=model, args=training_args(self.device, str(self.work), **options),
                                    teacher_model=self.teacher, optimizers=(optimizer, None))  # fmt: skip
             arms.append(Arm(key, name, self._trainer_step(trainer, optimizer), self._flops(config, widths, True),
                             "nested", True))  # fmt: skip
+        if "f" not in self.selected:
+            return arms
         options = dict(teacher_cache_dir=str(self.work / "teacher_cache"))  # and the defaults
         trainer = MatTATrainer(model=model, args=training_args(self.device, str(self.work), **options),
                                train_dataset=self.rows, optimizers=(optimizer, None))  # fmt: skip
@@ -393,9 +405,15 @@ def _ratio_summary(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
+def default_arm(device: torch.device, vocab_size: int) -> str:
+    """The MatTA arm that runs the trainer's defaults: (e3) where the compiled loss is on by default, else (e1)."""
+    return "e3" if compiled_loss_pays(device.type, vocab_size) else "e1"
+
+
 def measure(size_name: str, device: torch.device, dtype_name: str, batch_size: int | None, repeats: int | None,
-            warmup: int) -> dict:  # fmt: skip
-    """Build, warm up and time every arm of one size; returns the report lines and the figures."""
+            warmup: int, selected: list[str]) -> dict:  # fmt: skip
+    """Build, warm up and time the `selected` arms of one size (with (a)-(c) and the defaults arm); returns the report
+    lines and the figures."""
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     size = SIZES[size_name]
@@ -406,26 +424,43 @@ def measure(size_name: str, device: torch.device, dtype_name: str, batch_size: i
     peak_measured = matmul_peak(device, dtype)
     peak_nominal, device_name = nominal_peak(device)
     peak_flops = peak_nominal or peak_measured
+    default_key = default_arm(device, size["vocab_size"])
+    chosen = {*REQUIRED_ARMS, default_key, *selected}
     with tempfile.TemporaryDirectory(prefix="step_cost_") as work:
-        bench = Bench(size_name, device, dtype, batch_size, repeats, warmup, Path(work))
+        bench = Bench(size_name, device, dtype, batch_size, repeats, warmup, Path(work), chosen)
         arms = bench.build()
         rounds = bench.run(arms)
     passes = [times["a"] + times["b"] + times["c"] for times in rounds]
-    ratios = {key: [times[key] / total for times, total in zip(rounds, passes)] for key in ("e0", "e1", "e2", "e3")}
-    ratios["f"] = [times["f"] / (times["a"] + times["b"]) for times in rounds]
-    kd_ratios = [times["d"] / (times["b"] + times["c"]) for times in rounds]
+    matta_keys = [key for key in ("e0", "e1", "e2", "e3") if key in arms]
+    ratios = {key: [times[key] / total for times, total in zip(rounds, passes)] for key in matta_keys}
     configs = bench.configs
     nested, teacher_config = configs["nested"], configs["teacher"]
-    default_key = "e3" if compiled_loss_pays(device.type, nested.vocab_size) else "e1"
-    memory = {key: (bench.peak(arms[key]) - bench.teacher_bytes) / bench.peak(arms["a"])
-              for key in ("e0", "e1", "e2", "e3")}  # fmt: skip
-    memory["f"] = bench.peak(arms["f"]) / bench.peak(arms["a"])
+    memory = {key: (bench.peak(arms[key]) - bench.teacher_bytes) / bench.peak(arms["a"]) for key in matta_keys}
+    extra_ratios, extra_memory, cache_line = "", "", []
+    if "f" in arms:
+        ratios["f"] = [times["f"] / (times["a"] + times["b"]) for times in rounds]
+        memory["f"] = bench.peak(arms["f"]) / bench.peak(arms["a"])
+        extra_ratios += f" Cached teacher: (f) / ((a) + (b)) = {_ratio_summary(ratios['f'])};"
+        extra_memory = f" Cached teacher (no teacher weights): (f) / (a) = {memory['f']:.3f}."
+        cache_line = [
+            f"- Teacher cache: building it (the teacher's forward and top-{TOP_K} over the {len(bench.rows)} sequences "
+            f"of this run, written to disk) took {bench.cache_build_seconds:.2f} s, "
+            f"{bench.cache_build_seconds / (warmup + repeats):.4f} s per batch, once; a step reading it saves "
+            f"{arms[default_key].median - arms['f'].median:.4f} s against ({default_key}) "
+            f"({1 - arms['f'].median / arms[default_key].median:.1%}) on every epoch, and "
+            f"{(bench.peak(arms[default_key]) - bench.peak(arms['f'])) / 2**20:,.0f} MiB of peak memory."
+        ]
+    kd_ratios = [times["d"] / (times["b"] + times["c"]) for times in rounds] if "d" in arms else []
+    if kd_ratios:
+        extra_ratios += f" KD: (d) / ((b) + (c)) = {_ratio_summary(kd_ratios)};"
+    medians_ratio = arms[default_key].median / (arms["a"].median + arms["b"].median + arms["c"].median)
     overhead = statistics.median(ratios[default_key])
     peak_text = (f"{device_name}'s nominal bf16 peak {peak_nominal / 1e12:.0f} TFLOP/s (a timed matmul reached "
                  f"{peak_measured / 1e12:.0f})" if peak_nominal else
                  f"a timed {dtype_name} matmul, {peak_measured / 1e9:.1f} GFLOP/s")  # fmt: skip
+    subset = f" --arms {' '.join(sorted(arms))}" if len(arms) < len(ARMS) else ""
     lines = [
-        f"## Step cost: `step_cost.py --size {size_name} --device {device.type}`",
+        f"## Step cost: `step_cost.py --size {size_name} --device {device.type}{subset}`",
         "",
         *provenance("benchmarks/step_cost.py", time.perf_counter() - started, f"{torch.get_num_threads()} threads"),
         f"- Load average at the start {load_start:.1f} (1 min; other jobs share the machine's cores).",
@@ -448,23 +483,18 @@ def measure(size_name: str, device: torch.device, dtype_name: str, batch_size: i
     lines += [
         "",
         f"- Time, per round (median [min-max] over {repeats} rounds), MatTA step / ((a) + (b) + (c)), goal <= 1.05: "
-        + "; ".join(f"({key}) {_ratio_summary(ratios[key])}" for key in ("e0", "e1", "e2", "e3"))
-        + f". The trainer's defaults here are ({default_key}): **{overhead:.3f}**. Cached teacher: (f) / ((a) + (b)) "
-        f"= {_ratio_summary(ratios['f'])}; KD: (d) / ((b) + (c)) = {_ratio_summary(kd_ratios)}.",
+        + "; ".join(f"({key}) {_ratio_summary(ratios[key])}" for key in matta_keys)
+        + f". The trainer's defaults here are ({default_key}): **{overhead:.3f}** (the ratio of the arms' medians: "
+        f"{medians_ratio:.3f}).{extra_ratios.rstrip(';')}{'.' if extra_ratios else ''}",
         "- Memory, (MatTA step - teacher weights " f"{bench.teacher_bytes / 2**20:,.0f} MiB) / (a), goal <= 1.3: "
-        + "; ".join(f"({key}) {memory[key]:.3f}" for key in ("e0", "e1", "e2", "e3"))
-        + f"; the defaults ({default_key}): **{memory[default_key]:.3f}**. Cached teacher (no teacher weights): "
-        f"(f) / (a) = {memory['f']:.3f}.",
-        f"- Teacher cache: building it (the teacher's forward and top-{TOP_K} over the {len(bench.rows)} sequences of "
-        f"this run, written to disk) took {bench.cache_build_seconds:.2f} s, "
-        f"{bench.cache_build_seconds / (warmup + repeats):.4f} s per batch, once; a step reading it saves "
-        f"{arms[default_key].median - arms['f'].median:.4f} s against ({default_key}) "
-        f"({1 - arms['f'].median / arms[default_key].median:.1%}) on every epoch, and "
-        f"{(bench.peak(arms[default_key]) - bench.peak(arms['f'])) / 2**20:,.0f} MiB of peak memory.",
+        + "; ".join(f"({key}) {memory[key]:.3f}" for key in matta_keys)
+        + f"; the defaults ({default_key}): **{memory[default_key]:.3f}**.{extra_memory}",
+        *cache_line,
     ]
     figures = {
         "size": size_name, "device": str(device), "dtype": dtype_name, "batch": batch_size, "repeats": repeats,
-        "default_arm": default_key, "overhead_ratio": overhead, "memory_ratio": memory[default_key],
+        "arms_timed": sorted(arms), "default_arm": default_key, "overhead_ratio": overhead,
+        "overhead_ratio_of_medians": medians_ratio, "memory_ratio": memory[default_key],
         "ratios": ratios, "kd_ratios": kd_ratios, "memory_ratios": memory, "rounds": rounds,
         "arms": {key: {"name": arm.name, "seconds": arm.seconds, "peak_bytes": bench.peak(arm), "flops": arm.flops}
                  for key, arm in arms.items()},
@@ -484,6 +514,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per arm (compilation happens there)")
     parser.add_argument("--repeats", type=int, help="timed rounds (default: the size's, per device type)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="arms to time (default: all; (a), (b), (c) and the defaults arm are always timed)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"),
                         help="markdown file whose section for each size and device gets the table ('' for none)")
     parser.add_argument("--json", help="also write every figure to this JSON file")  # fmt: skip
@@ -505,11 +537,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     results = []
     for size_name in args.size or DEFAULT_SIZES[device.type]:
-        result = measure(size_name, device, dtype_name, args.batch, args.repeats, args.warmup)
+        result = measure(size_name, device, dtype_name, args.batch, args.repeats, args.warmup, args.arms)
         print("\n".join(result["lines"]), flush=True)
         if args.out:
-            write_section(Path(args.out), f"step_cost --size {size_name} --device {device.type}",
-                          "\n".join(result["lines"]))  # fmt: skip
+            timed = result["figures"]["arms_timed"]
+            section = f"step_cost --size {size_name} --device {device.type}"
+            if len(timed) < len(ARMS):
+                section += f" --arms {' '.join(timed)}"
+            write_section(Path(args.out), section, "\n".join(result["lines"]))
         results.append(result["figures"])
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
