@@ -5,7 +5,7 @@ distilled from the teacher alone? Every claim is decided by the script, over see
     .venv/bin/python benchmarks/quality.py                         # --setting smallest: from scratch, fast
     apt-get install python3.11-doc                                 # once: the capacity setting's corpus
     .venv/bin/python benchmarks/quality.py --setting capacity      # the paper's setting in miniature (hours)
-    .venv/bin/python benchmarks/quality.py --setting narrow        # capacity bound from scratch (about 1 h)
+    .venv/bin/python benchmarks/quality.py --setting narrow        # capacity bound from scratch (about 2 h)
     .venv/bin/python benchmarks/quality.py --steps 100 --trials 2 --seeds 1 --out /tmp/q.md   # a quick look
 
 Three settings (`SETTINGS`):
@@ -20,7 +20,8 @@ Three settings (`SETTINGS`):
   has seen: CE-continued, KD-continued, MatTA, and KD-alone models of every size grown the same way.
 - `narrow`, capacity bound from scratch on `python-docs`: a 2 x 128 student whose FFN (32) is too narrow for the
   2 M tokens it sees, in a TA of FFN 1024; a model of the TA's size alone beats one of the student's by 20 % here
-  (CE, seed 0), where the other settings' widths pay 2-5 %. One trial per arm (every arm at its defaults).
+  (CE, seed 0), where the other settings' widths pay 2-5 %. One trial per arm (every arm at its defaults; MatTA's
+  train the middle width of the ladder too, `extra_widths="all"`).
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
