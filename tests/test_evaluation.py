@@ -5,6 +5,10 @@ import inspect
 import json
 import math
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import lm_eval
@@ -305,6 +309,26 @@ def test_local_task_definitions_match_lm_evals_own(task):
             assert inspect.getsource(ours[key]) == inspect.getsource(builtin[key])
         else:
             assert ours[key] == builtin[key], key
+
+
+def test_the_wheel_ships_the_task_definitions(tmp_path):
+    # `hf-matta eval` reads them from inside the package: a wheel install (not only a clone) must have them. Built
+    # from a copy of the project, so that the build leaves nothing in the checkout.
+    root = Path(__file__).resolve().parents[1]
+    project = tmp_path / "project"
+    for name in ("pyproject.toml", "README.md"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, project / name)
+    shutil.copytree(root / "src", project / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w",
+         tmp_path / "dist", project], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("hf_matta-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {path.relative_to(root / "src").as_posix() for path in TASKS_DIR.rglob("*.yaml")}
+    assert len(shipped) == 3 and shipped <= names, sorted(shipped - names)
 
 
 def test_the_curve_shows_accuracy_unless_it_tells_no_model_apart():

@@ -3,9 +3,9 @@
 - `evaluate_students(...)` runs lm-eval's own machinery (`HFLM` and `simple_evaluate`) on every student: folders,
   Hub ids, or the plans of a nested model evaluated in memory (`hf_matta.extract.extract_student`, nothing written).
   Default tasks: `agieval_sat_math` and `lambada_openai`, the paper's benchmarks; any lm-eval task works by name.
-- Offline: with `data_dir` the two default tasks read local files (the task definitions in `evals/tasks/local_files`,
+- Offline: with `data_dir` the two default tasks read local files (the task definitions in `lm_eval_tasks/local_files`,
   on lm-eval's include path, keep the standard names, prompts and metrics); `lambada_heldout` needs no data at all:
-  LAMBADA-style passages from the held-out split of the training corpus (`evals/tasks/heldout`).
+  LAMBADA-style passages from the held-out split of the training corpus (`lm_eval_tasks/heldout`).
 - Output: `results.json` (lm-eval's metrics per student, with its plan and parameter count, read back by
   `load_results` and `results_for_plan`), `results.md` (the table) and `elastic_curve.png`. With a baseline, the
   relative improvement over it and its standard error, paired over the same documents.
@@ -69,7 +69,7 @@ DATA_FILES = {
 }
 RESULTS_FILES = ("results.json", "results.md", "elastic_curve.png")
 # Task definitions ship with the repository, next to the package's source tree (an editable install).
-TASKS_DIR = Path(__file__).resolve().parents[2] / "evals" / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"  # package data: shipped in the wheel
 RELATIVE_DEFINITION = (
     "(student - baseline) / baseline for metrics where higher is better, (baseline - student) / baseline where lower "
     "is better (perplexity): positive means better than the baseline. Standard errors are paired over the same "
@@ -104,7 +104,7 @@ def read_data_file(task: str, data_dir: str | os.PathLike | None) -> tuple[Path,
     """
     if data_dir is None:
         raise ValueError(
-            f"task {task!r} from evals/tasks/local_files reads a local file: give data_dir (--data-dir DIR, or "
+            f"task {task!r} from lm_eval_tasks/local_files reads a local file: give data_dir (--data-dir DIR, or "
             f"lm-eval's --metadata '{{\"data_dir\": \"DIR\"}}') holding {' or '.join(DATA_FILES[task])}."
         )
     folder = Path(data_dir)
@@ -182,12 +182,12 @@ def agieval_zero_shot(row: Mapping[str, Any], where: str = "row") -> dict:
 
 
 def load_lambada_openai(data_dir: str | None = None, **metadata: Any) -> DatasetDict:
-    """`custom_dataset` of evals/tasks/local_files/lambada_openai.yaml: `data_dir`'s file as the test split."""
+    """`custom_dataset` of lm_eval_tasks/local_files/lambada_openai.yaml: `data_dir`'s file as the test split."""
     return DatasetDict({"test": Dataset.from_list(read_data_file("lambada_openai", data_dir)[1])})
 
 
 def load_agieval_sat_math(data_dir: str | None = None, **metadata: Any) -> DatasetDict:
-    """`custom_dataset` of evals/tasks/local_files/agieval_sat_math.yaml: `data_dir`'s file as the test split."""
+    """`custom_dataset` of lm_eval_tasks/local_files/agieval_sat_math.yaml: `data_dir`'s file as the test split."""
     return DatasetDict({"test": Dataset.from_list(read_data_file("agieval_sat_math", data_dir)[1])})
 
 
@@ -248,7 +248,7 @@ def heldout_documents(heldout_data: Mapping[str, Any] | None = None) -> dict[str
 def load_lambada_heldout(
     heldout_data: Mapping[str, Any] | None = None, context_words: int = 50, **metadata: Any
 ) -> DatasetDict:
-    """`custom_dataset` of evals/tasks/heldout/lambada_heldout.yaml: `last_word_passages` of the held-out documents,
+    """`custom_dataset` of lm_eval_tasks/heldout/lambada_heldout.yaml: `last_word_passages` of the held-out documents,
     less any passage that a training document also holds word for word (`pydoc_data.topics` repeats paragraphs
     across topics: 22 of the default's 86 passages), so that no passage was seen in training."""
     documents = heldout_documents(heldout_data)
@@ -428,14 +428,14 @@ def _unique_names(candidates: list[_Candidate]) -> list[_Candidate]:
 
 
 def _task_manager(tasks: Sequence[str], data_dir: str | None, heldout_data: Mapping[str, Any] | None) -> TaskManager:
-    """lm-eval's TaskManager: `evals/tasks/heldout` always, `evals/tasks/local_files` with `data_dir`, and lm-eval's
+    """lm-eval's TaskManager: `lm_eval_tasks/heldout` always, `lm_eval_tasks/local_files` with `data_dir`, and lm-eval's
     own tasks only when a task asks for them (indexing its ~15 000 YAML files takes 10-20 s on 2 cores)."""
     folders = [TASKS_DIR / "heldout"] + ([TASKS_DIR / "local_files"] if data_dir is not None else [])
     missing = [str(folder) for folder in folders if not folder.is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"task definitions {missing} are missing: they ship in the repository's evals/tasks folder; install "
-            "hf_matta from a clone (pip install -e .) so that it sits next to the package."
+            f"task definitions {missing} are missing: they ship inside the package (hf_matta/lm_eval_tasks); "
+            "reinstall hf_matta (pip install --force-reinstall hf_matta, or pip install -e . from a clone)."
         )
     metadata = json.dumps({"data_dir": data_dir, "heldout_data": dict(heldout_data or HELDOUT_DEFAULTS)})
     include = tuple(str(folder) for folder in folders)
@@ -460,7 +460,7 @@ def _load_tasks(manager: TaskManager, tasks: Sequence[str], data_dir: str | None
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(
                 f"unknown task {name!r}{hint}: lm-eval {lm_eval.__version__} has no task, group or tag of that name, "
-                f"nor has evals/tasks; `lm-eval ls tasks` lists them (this project adds {HELDOUT_TASK!r})."
+                f"nor has hf_matta/lm_eval_tasks; `lm-eval ls tasks` lists them (this project adds {HELDOUT_TASK!r})."
             )
         try:
             loaded.update(manager.load([name])["tasks"])
