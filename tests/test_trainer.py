@@ -212,6 +212,21 @@ def test_ta_first_phase_skips_the_student_forward(tmp_path):
     ]
 
 
+def test_a_single_granularity_model_trains_from_the_first_step_whatever_the_schedule(tmp_path, teacher):
+    """A KD baseline trained with a MatTA config (the pipeline's `baseline: true`): with no TA to go first, the
+    TA-first phase and the ramps must not stop or shrink its training. Same weights as a run without the schedule."""
+    params = []
+    for schedule in (dict(ta_first_steps=0.4, student_warmup_steps=0.3, distill_warmup_steps=0.3), dict()):
+        trainer = _trainer(tmp_path / str(len(params)), model=_student(widths=(16,)), teacher=teacher,
+                           teacher_weight=0.5, max_steps=10, **schedule)  # fmt: skip
+        trainer.train()
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert [entry["student_weight"] for entry in logs] == [1.0, 1.0], logs
+        assert all(entry["loss"] > 0 for entry in logs), logs
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    torch.testing.assert_close(params[0], params[1])
+
+
 GA_CASES = [  # MatTA settings that every micro-batch split must leave unchanged
     dict(),
     dict(extra_widths="all", teacher_weight=0.5, distill_temperature=2.0),

@@ -492,9 +492,11 @@ class MatTATrainer(Trainer):
         return students, ta_trained
 
     def _term_weights(self, evaluating: bool) -> tuple[float, float]:
-        """(w_S(t), w_D(t)) at this step; every term at its full weight when evaluating, whatever the schedule."""
-        args = self.args
-        if evaluating:
+        """(w_S(t), w_D(t)) at this step; every term at its full weight when evaluating, whatever the schedule, and
+        for a model with a single granularity: with no TA to go first, the schedule (TA-first phase, ramps) would
+        only stop or shrink the training of the one model there is (a KD baseline trained with a MatTA config)."""
+        args, config = self.args, self._config
+        if evaluating or config.student_width == config.mat_widths[-1]:
             return args.student_weight, args.distill_weight
         step, total = self.state.global_step, self.state.max_steps
         return args.student_weight_at(step, total), args.distill_weight_at(step, total)
@@ -711,8 +713,7 @@ class MatTATrainer(Trainer):
             self._non_finite[name] = self._non_finite[name] | bad if name in self._non_finite else bad
         for name, value in terms.items():
             self._window.add(step, f"loss_{name}", value)
-        for name in ("student_weight", "distill_weight"):
-            weight = getattr(self.args, f"{name}_at")(step, self.state.max_steps)
+        for name, weight in zip(("student_weight", "distill_weight"), self._term_weights(evaluating=False)):
             self._window.add(step, name, torch.tensor(weight, device=total.device), True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
