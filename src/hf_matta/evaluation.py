@@ -3,9 +3,10 @@
 - `evaluate_students(...)` runs lm-eval's own machinery (`HFLM` and `simple_evaluate`) on every student: folders,
   Hub ids, or the plans of a nested model evaluated in memory (`hf_matta.extract.extract_student`, nothing written).
   Default tasks: `agieval_sat_math` and `lambada_openai`, the paper's benchmarks; any lm-eval task works by name.
-- Offline: with `data_dir` the two default tasks read local files (the task definitions in `lm_eval_tasks/local_files`,
-  on lm-eval's include path, keep the standard names, prompts and metrics); `lambada_heldout` needs no data at all:
-  LAMBADA-style passages from the held-out split of the training corpus (`lm_eval_tasks/heldout`).
+- Offline: with `data_dir` the two default tasks read local files (the task definitions in
+  `lm_eval_tasks/local_files`, on lm-eval's include path, keep the standard names, prompts and metrics);
+  `lambada_heldout` needs no data at all: LAMBADA-style passages from the held-out split of the training corpus
+  (`lm_eval_tasks/heldout`).
 - Output: `results.json` (lm-eval's metrics per student, with its plan and parameter count, read back by
   `load_results` and `results_for_plan`), `results.md` (the table) and `elastic_curve.png`. With a baseline, the
   relative improvement over it and its standard error, paired over the same documents.
@@ -68,8 +69,8 @@ DATA_FILES = {
     "agieval_sat_math": ("sat-math.lm-eval.jsonl", "sat-math.jsonl"),
 }
 RESULTS_FILES = ("results.json", "results.md", "elastic_curve.png")
-# Task definitions ship with the repository, next to the package's source tree (an editable install).
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"  # package data: shipped in the wheel
+# The task definitions this project adds to lm-eval's include path.
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"  # package data (pyproject.toml): in the wheel too
 RELATIVE_DEFINITION = (
     "(student - baseline) / baseline for metrics where higher is better, (baseline - student) / baseline where lower "
     "is better (perplexity): positive means better than the baseline. Standard errors are paired over the same "
@@ -428,8 +429,8 @@ def _unique_names(candidates: list[_Candidate]) -> list[_Candidate]:
 
 
 def _task_manager(tasks: Sequence[str], data_dir: str | None, heldout_data: Mapping[str, Any] | None) -> TaskManager:
-    """lm-eval's TaskManager: `lm_eval_tasks/heldout` always, `lm_eval_tasks/local_files` with `data_dir`, and lm-eval's
-    own tasks only when a task asks for them (indexing its ~15 000 YAML files takes 10-20 s on 2 cores)."""
+    """lm-eval's TaskManager: `lm_eval_tasks/heldout` always, `lm_eval_tasks/local_files` with `data_dir`, and
+    lm-eval's own tasks only when a task asks for them (indexing its ~15 000 YAML files takes 10-20 s on 2 cores)."""
     folders = [TASKS_DIR / "heldout"] + ([TASKS_DIR / "local_files"] if data_dir is not None else [])
     missing = [str(folder) for folder in folders if not folder.is_dir()]
     if missing:
