@@ -93,7 +93,8 @@ SIZES = {
     ),
 }  # fmt: skip
 DEFAULT_SIZES = {"cpu": ["tiny"], "cuda": ["gpt2-small", "gpt2-medium"]}
-ARMS = ("a", "b", "c", "d", "e0", "e1", "e2", "e3", "f")
+NESTED_ARMS = ("e0", "e1", "e2", "e3", "f")  # the arms sharing the nested model and its optimizer
+ARMS = ("a", "b", "c", "d", *NESTED_ARMS)
 REQUIRED_ARMS = ("a", "b", "c")  # the passes every ratio is measured against
 # Nominal dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring, most specific
 # first; a device not listed is measured against its timed matmul peak only.
@@ -241,24 +242,24 @@ class Bench:
         self.teacher_bytes = sum(p.numel() * p.element_size() for p in self.teacher.parameters())
         self.cache_build_seconds = self._build_cache() if "f" in self.selected else None
         student_width, ta_width = configs["nested"].student_width, configs["ta"].n_inner[0]
-        groups = [
-            *self._group("a", lambda: [self._plain_arm("a", "(a) CE step, TA size", configs["ta"])]),
-            *self._group("b", lambda: [self._plain_arm("b", "(b) CE step, student size", configs["student"])]),
-            *self._group("teacher", lambda: [Arm("c", "(c) teacher forward", self._teacher_step,
+        arms = [
+            *self._group("a", ("a",), lambda: [self._plain_arm("a", "(a) CE step, TA size", configs["ta"])]),
+            *self._group("b", ("b",), lambda: [self._plain_arm("b", "(b) CE step, student size", configs["student"])]),
+            *self._group("teacher", ("c",), lambda: [Arm("c", "(c) teacher forward", self._teacher_step,
                                                  self._flops(configs["teacher"], [], True), "teacher", True)]),
-            *self._group("d", lambda: [self._trainer_arm("d", "(d) KD step (student + teacher)", configs["student"],
-                                                         [student_width])]),
-            *self._group("nested", lambda: self._nested_arms([student_width, ta_width])),
+            *self._group("d", ("d",), lambda: [self._trainer_arm("d", "(d) KD step (student + teacher)",
+                                                                 configs["student"], [student_width])]),
+            *self._group("nested", NESTED_ARMS, lambda: self._nested_arms([student_width, ta_width])),
         ]  # fmt: skip
-        return {arm.key: arm for arm in groups}
+        return {arm.key: arm for arm in arms}
 
-    def _group(self, group: str, make: Callable[[], list[Arm]]) -> list[Arm]:
+    def _group(self, group: str, keys: tuple[str, ...], make: Callable[[], list[Arm]]) -> list[Arm]:
         """Build a group's arms (their step closures hold the models), warm them up, and record what the group's
-        models hold once warm."""
-        if group in ("a", "b", "d") and group not in self.selected:
+        models hold once warm; nothing when none of its arms (`keys`) is selected. `make` builds the selected ones."""
+        if not self.selected.intersection(keys):
             return []
         before = self.memory.current()
-        arms = [arm for arm in make() if arm.key in self.selected]
+        arms = make()
         for arm in arms:
             for batch in (arm.batches or self.batches)[: self.warmup]:
                 with self.autocast():
@@ -443,8 +444,8 @@ def measure(size_name: str, device: torch.device, dtype_name: str, batch_size: i
         extra_ratios += f" Cached teacher: (f) / ((a) + (b)) = {_ratio_summary(ratios['f'])};"
         extra_memory = f" Cached teacher (no teacher weights): (f) / (a) = {memory['f']:.3f}."
         cache_line = [
-            f"- Teacher cache: building it (the teacher's forward and top-{TOP_K} over the {len(bench.rows)} sequences "
-            f"of this run, written to disk) took {bench.cache_build_seconds:.2f} s, "
+            f"- Teacher cache: building it (the teacher's forward and top-{TOP_K} over the {len(bench.rows)} "
+            f"sequences of this run, written to disk) took {bench.cache_build_seconds:.2f} s, "
             f"{bench.cache_build_seconds / (warmup + repeats):.4f} s per batch, once; a step reading it saves "
             f"{arms[default_key].median - arms['f'].median:.4f} s against ({default_key}) "
             f"({1 - arms['f'].median / arms[default_key].median:.1%}) on every epoch, and "
@@ -458,9 +459,10 @@ def measure(size_name: str, device: torch.device, dtype_name: str, batch_size: i
     peak_text = (f"{device_name}'s nominal bf16 peak {peak_nominal / 1e12:.0f} TFLOP/s (a timed matmul reached "
                  f"{peak_measured / 1e12:.0f})" if peak_nominal else
                  f"a timed {dtype_name} matmul, {peak_measured / 1e9:.1f} GFLOP/s")  # fmt: skip
-    subset = f" --arms {' '.join(sorted(arms))}" if len(arms) < len(ARMS) else ""
+    section = f"step_cost --size {size_name} --device {device.type}"  # with the arms timed, when not all
+    section += f" --arms {' '.join(sorted(arms))}" if len(arms) < len(ARMS) else ""
     lines = [
-        f"## Step cost: `step_cost.py --size {size_name} --device {device.type}{subset}`",
+        f"## Step cost: `{section.replace('step_cost', 'step_cost.py', 1)}`",
         "",
         *provenance("benchmarks/step_cost.py", time.perf_counter() - started, f"{torch.get_num_threads()} threads"),
         f"- Load average at the start {load_start:.1f} (1 min; other jobs share the machine's cores).",
@@ -493,7 +495,7 @@ def measure(size_name: str, device: torch.device, dtype_name: str, batch_size: i
     ]
     figures = {
         "size": size_name, "device": str(device), "dtype": dtype_name, "batch": batch_size, "repeats": repeats,
-        "arms_timed": sorted(arms), "default_arm": default_key, "overhead_ratio": overhead,
+        "section": section, "arms_timed": sorted(arms), "default_arm": default_key, "overhead_ratio": overhead,
         "overhead_ratio_of_medians": medians_ratio, "memory_ratio": memory[default_key],
         "ratios": ratios, "kd_ratios": kd_ratios, "memory_ratios": memory, "rounds": rounds,
         "arms": {key: {"name": arm.name, "seconds": arm.seconds, "peak_bytes": bench.peak(arm), "flops": arm.flops}
@@ -540,11 +542,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result = measure(size_name, device, dtype_name, args.batch, args.repeats, args.warmup, args.arms)
         print("\n".join(result["lines"]), flush=True)
         if args.out:
-            timed = result["figures"]["arms_timed"]
-            section = f"step_cost --size {size_name} --device {device.type}"
-            if len(timed) < len(ARMS):
-                section += f" --arms {' '.join(timed)}"
-            write_section(Path(args.out), section, "\n".join(result["lines"]))
+            write_section(Path(args.out), result["figures"]["section"], "\n".join(result["lines"]))
         results.append(result["figures"])
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

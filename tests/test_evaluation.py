@@ -316,10 +316,9 @@ def test_the_wheel_ships_the_task_definitions(tmp_path):
     # from a copy of the project, so that the build leaves nothing in the checkout.
     root = Path(__file__).resolve().parents[1]
     project = tmp_path / "project"
-    for name in ("pyproject.toml", "README.md"):
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / name, project / name)
     shutil.copytree(root / "src", project / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, project / name)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w",
          tmp_path / "dist", project], capture_output=True, text=True, timeout=300,
