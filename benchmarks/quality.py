@@ -20,8 +20,8 @@ Three settings (`SETTINGS`):
   has seen: CE-continued, KD-continued, MatTA, and KD-alone models of every size grown the same way.
 - `narrow`, capacity bound from scratch on `python-docs`: a 2 x 128 student whose FFN (32) is too narrow for the
   2 M tokens it sees, in a TA of FFN 1024; a model of the TA's size alone beats one of the student's by 20 % here
-  (CE, seed 0), where the other settings' widths pay 2-5 %. One trial per arm (every arm at its defaults; MatTA's
-  train the middle width of the ladder too, `extra_widths="all"`).
+  (CE, seed 0), where the other settings' widths pay 2-5 %. One trial per arm (every arm at its defaults; MatTA
+  trains the ladder's three widths between student and TA too, one sampled per step, `extra_widths="sample"`).
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
@@ -95,9 +95,13 @@ SETTINGS = {
         corpus="python-docs", held_out=6, vocab=1024, block=128, batch=16, steps=1000, n_layer=2, n_embd=128,
         n_head=4, student_ffn=32, ta_ffn=1024, teacher="n_layer=4,n_embd=128,n_head=4", teacher_steps=1000,
         trials=1, seeds=3, shampoo_block=128, grow=False, sharing_ablation=False, shampoo=False,
-        # Mix'n'Match needs the width between student and TA trained: untrained, it measured as the student (seed 0:
-        # 39.89 at 528 vs 39.81 at 32); trained ("all"), the uniform family was monotone (40.33 -> 36.74 -> 36.73)
-        defaults=dict(matta=dict(extra_widths="all")),
+        # two layers, but a ladder of five widths: three Mix'n'Match sizes between student and TA
+        ladder_steps=4,
+        # Mix'n'Match needs the widths between student and TA trained: untrained, the middle one measured as the
+        # student (seed 0: 39.89 at 528 vs 39.81 at 32); trained ("all", ladder [32, 528, 1024]) the uniform family
+        # was monotone (40.33 -> 36.74 -> 36.73). One of the three sampled per step keeps the step's FLOPs those of
+        # "all" on that 3-width ladder.
+        defaults=dict(matta=dict(extra_widths="sample")),
     ),
 }  # fmt: skip
 TUNE_BLOCKS, TEST_BLOCKS = 512, 1024  # held-out blocks measured per run (the first ones of each split)
@@ -127,10 +131,12 @@ GRIDS = {
 
 
 def ladder(setting: dict) -> list[int]:
-    """The Mix'n'Match ladder: student, n_layer - 1 widths in between, TA. A uniform width S + k (A - S) / L has
-    exactly the parameters of the block plan with k layers at the TA's width and the others at the student's."""
-    S, A, L = setting["student_ffn"], setting["ta_ffn"], setting["n_layer"]
-    return [S + k * (A - S) // L for k in range(L + 1)]
+    """The Mix'n'Match ladder: student, `ladder_steps` - 1 evenly spaced widths in between (default n_layer - 1),
+    TA. With n_layer steps, a uniform width S + k (A - S) / L has exactly the parameters of the block plan with k
+    layers at the TA's width and the others at the student's."""
+    S, A = setting["student_ffn"], setting["ta_ffn"]
+    steps = setting.get("ladder_steps", setting["n_layer"])
+    return [S + k * (A - S) // steps for k in range(steps + 1)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,11 +424,14 @@ def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
     if kind != "matta":
         return steps * (3 * forward(shape, setting["student_ffn"]) + teacher)
     widths = ladder(setting)
-    students = widths[:-1] if hp.get("extra_widths") == "all" else widths[:1]
+    extras = {"all": widths[1:-1], "sample": widths[1:-1]}.get(hp.get("extra_widths"), [])
+    # "sample" trains one of the extras per step: their mean cost
+    share = 1 / len(extras) if extras and hp.get("extra_widths") == "sample" else 1
     ta_first = hp.get("ta_first_steps", 0)
     ta_only = int(ta_first) if ta_first >= 1 else math.ceil(steps * ta_first)
     ta = 3 * forward(shape, widths[-1]) + teacher
-    return ta_only * ta + (steps - ta_only) * (ta + sum(3 * forward(shape, width) for width in students))
+    students = 3 * forward(shape, widths[0]) + share * sum(3 * forward(shape, width) for width in extras)
+    return ta_only * ta + (steps - ta_only) * (ta + students)
 
 
 def main(argv: list[str] | None = None) -> None:
