@@ -227,7 +227,7 @@ def train_run(run: dict) -> dict:
     model = _build_model(run)
     teacher = None
     if run["hp"].get("teacher_weight", 0) > 0:
-        teacher = GPT2LMHeadModel.from_pretrained(Path(run["work"]) / "models" / "teacher")
+        teacher = GPT2LMHeadModel.from_pretrained(Path(run["work"]) / "models" / run.get("teacher", "teacher"))
     trainer = MatTATrainer(
         model=model, args=_training_args(run, Path(run["work"]) / "tmp" / run["key"]),
         train_dataset=_blocks(data[run["split"]]), data_collator=default_data_collator, teacher_model=teacher,

@@ -1,0 +1,111 @@
+"""Two probes of the narrow setting's misses, run after `quality.py --setting narrow` (they reuse its data, teacher,
+defaults and run cache), seed 0 each:
+
+    .venv/bin/python benchmarks/quality.py --setting narrow     # first: data, teacher and the arms (about 2 h)
+    .venv/bin/python benchmarks/narrow_probes.py                # then these probes (about 20 min on 2 cores)
+
+1. The paper's schedule: MatTA with every term on from step 0 (the distillation term ramped in over 10 %) instead of
+   the TA-first default, with its Mix'n'Match families: does letting the TA go first matter where width binds?
+2. How far distillation can take a student of this width: KD alone at the TA's width (the benchmark's own seed-0 run,
+   saved), then KD students taught by it instead of the benchmark's weaker teacher (gamma 0.5 and 0.9). If they end
+   where MatTA's student does, the TA gives its student what a teacher of the TA's quality can, and a MatTA student
+   10 % below the KD student would have to beat distillation itself.
+
+Writes a section of benchmarks/RESULTS.md; runs are cached under `--work`, like quality.py's.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import quality
+from quality import SETTINGS, Runner, ladder, trials
+
+from hf_matta.pipeline.report import provenance, write_section
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER_SCHEDULE = dict(ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1)
+GAMMAS = (0.5, 0.9)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "quality" / "narrow")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel training processes (default 2)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    setting = SETTINGS["narrow"]
+    data = args.work / f"blocks-{setting['corpus']}-{setting['vocab']}-{setting['block']}.pt"
+    if not (data.is_file() and (args.work / "models" / "teacher").is_dir()):
+        raise SystemExit(
+            f"{args.work} has no narrow-setting data or teacher: run `python benchmarks/quality.py --setting narrow` "
+            "first (or pass its --work folder)."
+        )
+    started = time.perf_counter()
+    runner = Runner(setting, args.work, data, args.jobs, 1)
+    S, A = setting["student_ffn"], setting["ta_ffn"]
+    kd = trials(setting, "kd", 1)[0]  # the narrow setting runs every arm at its defaults
+    matta = trials(setting, "matta", 1, base=kd)[0]
+
+    kd_runs = [runner.spec("kd", kd, 0), runner.spec("kd", kd, 0, widths=[A], save="kd_ta")]
+    schedules = [runner.spec("matta", hp, 0, mix_n_match=True) for hp in (matta, {**matta, **PAPER_SCHEDULE})]
+    base, kd_student, kd_ta, default, paper = runner.run_all([_teacher_spec(runner, setting), *kd_runs, *schedules])
+    taught = runner.run_all(
+        [runner.spec("kd", {**kd, "teacher_weight": gamma}, 0, teacher="kd_ta") for gamma in GAMMAS]
+    )
+    runner.pool.shutdown()
+    teacher = next(iter(base["test_ppl"].values()))
+    middle = ladder(setting)[1:-1]  # the Mix'n'Match widths between student and TA
+    lines = [
+        "## Narrow-setting probes: `narrow_probes.py`",
+        "",
+        *provenance("benchmarks/narrow_probes.py", time.perf_counter() - started, f"{args.jobs} jobs x 1 thread"),
+        "- The narrow setting of `quality.py` (its data, defaults and cached runs), seed 0; test perplexity on the "
+        "same 1024 test blocks.",
+        "",
+        "### The schedule: TA first (the default) vs the paper's (every term from step 0)",
+        "",
+        "| schedule | student | " + " | ".join(f"uniform {w}" for w in middle) + " | TA | search monotone |",
+        "|---|---|" + "---|" * len(middle) + "---|---|",
+    ]
+    for name, result in (("TA first 40 %, ramps 30 % (default)", default), ("paper: all on, distill ramp 10 %", paper)):
+        ppl = result["test_ppl"]
+        search = sorted(result["mix_n_match"]["search"], key=lambda point: point["params"])
+        monotone = all(b["ppl"] < a["ppl"] for a, b in zip(search, search[1:]))
+        cells = " | ".join(f"{ppl[str(w)]:.2f}" for w in middle)
+        lines.append(f"| {name} | {ppl[str(S)]:.2f} | {cells} | {ppl[str(A)]:.2f} | {'yes' if monotone else 'no'} |")
+    lines += [
+        "",
+        "### How far distillation takes a student of FFN 32",
+        "",
+        "| student | teacher (test ppl) | gamma | student test ppl |",
+        "|---|---|---|---|",
+        f"| KD (the benchmark's arm) | the benchmark's, 4 x 128 CE ({teacher:.2f}) | {kd['teacher_weight']} | "
+        f"{kd_student['test_ppl'][str(S)]:.2f} |",
+        *(
+            f"| KD | KD alone at FFN {A} ({kd_ta['test_ppl'][str(A)]:.2f}) | {gamma} | "
+            f"{result['test_ppl'][str(S)]:.2f} |"
+            for gamma, result in zip(GAMMAS, taught)
+        ),
+        f"| MatTA (default schedule) | its TA ({default['test_ppl'][str(A)]:.2f}) and the benchmark's teacher | "
+        f"{kd['teacher_weight']} | {default['test_ppl'][str(S)]:.2f} |",
+        "",
+    ]
+    text = "\n".join(lines)
+    write_section(args.out, "narrow_probes", text)
+    print(text)
+
+
+def _teacher_spec(runner: Runner, setting: dict) -> dict:
+    """quality.py's teacher run (cached): its result holds the teacher's test perplexity."""
+    shape = quality._teacher_shape(setting)
+    return runner.spec(
+        "ce", {"learning_rate": 2e-3}, widths=[4 * shape["n_embd"]], shape=shape, split="train", init=None,
+        steps=setting["teacher_steps"], save="teacher",
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
