@@ -57,20 +57,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     runner.pool.shutdown()
     teacher = next(iter(base["test_ppl"].values()))
+    minutes = sum(result["seconds"] for result in (kd_student, kd_ta, default, paper, *taught)) / 60
     middle = ladder(setting)[1:-1]  # the Mix'n'Match widths between student and TA
     lines = [
         "## Narrow-setting probes: `narrow_probes.py`",
         "",
         *provenance("benchmarks/narrow_probes.py", time.perf_counter() - started, f"{args.jobs} jobs x 1 thread"),
         "- The narrow setting of `quality.py` (its data, defaults and cached runs), seed 0; test perplexity on the "
-        "same 1024 test blocks.",
+        f"same 1024 test blocks. Training runs: {minutes:.1f} process-minutes in all (cached runs are not run again).",
         "",
         "### The schedule: TA first (the default) vs the paper's (every term from step 0)",
         "",
         "| schedule | student | " + " | ".join(f"uniform {w}" for w in middle) + " | TA | search monotone |",
         "|---|---|" + "---|" * len(middle) + "---|---|",
     ]
-    for name, result in (("TA first 40 %, ramps 30 % (default)", default), ("paper: all on, distill ramp 10 %", paper)):
+    rows = (("TA first 40 %, ramps 30 % (default)", default), ("paper: all on, distill ramp 10 %", paper))
+    for name, result in rows:
         ppl = result["test_ppl"]
         search = sorted(result["mix_n_match"]["search"], key=lambda point: point["params"])
         monotone = all(b["ppl"] < a["ppl"] for a, b in zip(search, search[1:]))
