@@ -1,11 +1,13 @@
-"""Two probes of the narrow setting's misses, run after `quality.py --setting narrow` (they reuse its data, teacher,
+"""Probes of the narrow setting's misses, run after `quality.py --setting narrow` (they reuse its data, teacher,
 defaults and run cache), seed 0 each:
 
     .venv/bin/python benchmarks/quality.py --setting narrow     # first: data, teacher and the arms (about 2 h)
-    .venv/bin/python benchmarks/narrow_probes.py                # then these probes (about 20 min on 2 cores)
+    .venv/bin/python benchmarks/narrow_probes.py                # then these probes (about 30 min on 2 cores)
 
-1. The paper's schedule: MatTA with every term on from step 0 (the distillation term ramped in over 10 %) instead of
-   the TA-first default, with its Mix'n'Match families: does letting the TA go first matter where width binds?
+1. Two MatTA variants against the defaults, with their Mix'n'Match families: the paper's schedule (every term on from
+   step 0, the distillation term ramped in over 10 %) instead of the TA first (does letting the TA go first matter
+   where width binds?), and the TA's term weighted 2 (does it bring the wide members to the curve of models trained
+   alone, which they miss by about 3 %, and at what cost to the student?).
 2. How far distillation can take a student of this width: KD alone at the TA's width (the benchmark's own seed-0 run,
    saved), then KD students taught by it instead of the benchmark's weaker teacher (gamma 0.5 and 0.9). If they end
    where MatTA's student does, the TA gives its student what a teacher of the TA's quality can, and a MatTA student
@@ -26,7 +28,10 @@ from hf_matta.pipeline.report import provenance, write_section
 
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER_SCHEDULE = dict(ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1)
+VARIANTS = {  # the MatTA defaults, then these changes to them
+    "paper: all on, distill ramp 10 %": dict(ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1),
+    "TA first, TA's term weighted 2": dict(ta_weight=2.0),
+}
 GAMMAS = (0.5, 0.9)
 
 
@@ -50,14 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     matta = trials(setting, "matta", 1, base=kd)[0]
 
     kd_runs = [runner.spec("kd", kd, 0), runner.spec("kd", kd, 0, widths=[A], save="kd_ta")]
-    schedules = [runner.spec("matta", hp, 0, mix_n_match=True) for hp in (matta, {**matta, **PAPER_SCHEDULE})]
-    base, kd_student, kd_ta, default, paper = runner.run_all([_teacher_spec(runner, setting), *kd_runs, *schedules])
+    variants = [matta, *({**matta, **change} for change in VARIANTS.values())]
+    matta_runs = [runner.spec("matta", hp, 0, mix_n_match=True) for hp in variants]
+    base, kd_student, kd_ta, default, *others = runner.run_all([_teacher_spec(runner, setting), *kd_runs, *matta_runs])
+    alone = runner.run_all([runner.spec("kd", kd, 0, widths=[w]) for w in ladder(setting)])  # quality.py's seed 0
     taught = runner.run_all(
         [runner.spec("kd", {**kd, "teacher_weight": gamma}, 0, teacher="kd_ta") for gamma in GAMMAS]
     )
     runner.pool.shutdown()
     teacher = next(iter(base["test_ppl"].values()))
-    minutes = sum(result["seconds"] for result in (kd_student, kd_ta, default, paper, *taught)) / 60
+    minutes = sum(result["seconds"] for result in (kd_student, kd_ta, default, *others, *taught)) / 60
     middle = ladder(setting)[1:-1]  # the Mix'n'Match widths between student and TA
     lines = [
         "## Narrow-setting probes: `narrow_probes.py`",
@@ -66,18 +73,20 @@ def main(argv: list[str] | None = None) -> None:
         "- The narrow setting of `quality.py` (its data, defaults and cached runs), seed 0; test perplexity on the "
         f"same 1024 test blocks. Training runs: {minutes:.1f} process-minutes in all (cached runs are not run again).",
         "",
-        "### The schedule: TA first (the default) vs the paper's (every term from step 0)",
+        "### MatTA's defaults (TA first) against the paper's schedule and a heavier TA term",
         "",
-        "| schedule | student | " + " | ".join(f"uniform {w}" for w in middle) + " | TA | search monotone |",
+        "| MatTA | student | " + " | ".join(f"uniform {w}" for w in middle) + " | TA | search monotone |",
         "|---|---|" + "---|" * len(middle) + "---|---|",
     ]
-    rows = (("TA first 40 %, ramps 30 % (default)", default), ("paper: all on, distill ramp 10 %", paper))
+    rows = [("TA first 40 %, ramps 30 % (default)", default), *zip(VARIANTS, others)]
     for name, result in rows:
         ppl = result["test_ppl"]
         search = sorted(result["mix_n_match"]["search"], key=lambda point: point["params"])
         monotone = all(b["ppl"] < a["ppl"] for a, b in zip(search, search[1:]))
         cells = " | ".join(f"{ppl[str(w)]:.2f}" for w in middle)
         lines.append(f"| {name} | {ppl[str(S)]:.2f} | {cells} | {ppl[str(A)]:.2f} | {'yes' if monotone else 'no'} |")
+    kd_cells = " | ".join(f"{result['test_ppl'][str(w)]:.2f}" for w, result in zip(ladder(setting), alone))
+    lines.append(f"| (KD alone at each width, seed 0) | {kd_cells} | - |")
     lines += [
         "",
         "### How far distillation takes a student of FFN 32",
