@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import quality
 from quality import SETTINGS, Runner, ladder, trials
 
 from hf_matta.pipeline.report import provenance, write_section
@@ -57,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     kd_runs = [runner.spec("kd", kd, 0), runner.spec("kd", kd, 0, widths=[A], save="kd_ta")]
     variants = [matta, *({**matta, **change} for change in VARIANTS.values())]
     matta_runs = [runner.spec("matta", hp, 0, mix_n_match=True) for hp in variants]
-    base, kd_student, kd_ta, default, *others = runner.run_all([_teacher_spec(runner, setting), *kd_runs, *matta_runs])
-    alone = runner.run_all([runner.spec("kd", kd, 0, widths=[w]) for w in ladder(setting)])  # quality.py's seed 0
+    alone_runs = [runner.spec("kd", kd, 0, widths=[w]) for w in ladder(setting)]  # quality.py's seed 0
+    base, kd_student, kd_ta, default, *others = runner.run_all([runner.teacher_spec(), *kd_runs, *matta_runs])
+    alone = runner.run_all(alone_runs)
     taught = runner.run_all(
         [runner.spec("kd", {**kd, "teacher_weight": gamma}, 0, teacher="kd_ta") for gamma in GAMMAS]
     )
@@ -107,15 +107,6 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     write_section(args.out, "narrow_probes", text)
     print(text)
-
-
-def _teacher_spec(runner: Runner, setting: dict) -> dict:
-    """quality.py's teacher run (cached): its result holds the teacher's test perplexity."""
-    shape = quality._teacher_shape(setting)
-    return runner.spec(
-        "ce", {"learning_rate": 2e-3}, widths=[4 * shape["n_embd"]], shape=shape, split="train", init=None,
-        steps=setting["teacher_steps"], save="teacher",
-    )  # fmt: skip
 
 
 if __name__ == "__main__":

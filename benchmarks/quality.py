@@ -344,6 +344,15 @@ class Runner:
         run["key"] = f"{kind}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}"
         return run
 
+    def teacher_spec(self) -> dict:
+        """The teacher's run: a wider GPT-2 trained with CE on the (pre-)training blocks, saved as `teacher`."""
+        shape = _teacher_shape(self.setting)
+        split = "pretrain" if self.setting["grow"] else "train"
+        return self.spec(
+            "ce", {"learning_rate": 2e-3}, widths=[4 * shape["n_embd"]], shape=shape, split=split, init=None,
+            steps=self.setting["teacher_steps"], save="teacher",
+        )  # fmt: skip
+
     def run_all(self, runs: list[dict]) -> list[dict]:
         """Results of `runs`, from the cache or computed in parallel; printed as they finish."""
         results: dict[str, dict] = {}
@@ -424,7 +433,7 @@ def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
     if kind != "matta":
         return steps * (3 * forward(shape, setting["student_ffn"]) + teacher)
     widths = ladder(setting)
-    extras = {"all": widths[1:-1], "sample": widths[1:-1]}.get(hp.get("extra_widths"), [])
+    extras = widths[1:-1] if hp.get("extra_widths") in ("all", "sample") else []
     # "sample" trains one of the extras per step: their mean cost
     share = 1 / len(extras) if extras and hp.get("extra_widths") == "sample" else 1
     ta_first = hp.get("ta_first_steps", 0)
@@ -465,15 +474,10 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(setting["seeds"]))
     S, A = setting["student_ffn"], setting["ta_ffn"]
     sizes = ladder(setting)
-    teacher_shape = _teacher_shape(setting)
-    pretrain_split = "pretrain" if setting["grow"] else "train"
 
     print("stage 1: teacher (and the pre-trained student), CE trials", flush=True)
     lr = {"learning_rate": 2e-3}  # from scratch (the continued arms of `capacity` tune smaller steps)
-    base_runs = [
-        runner.spec("ce", lr, widths=[4 * teacher_shape["n_embd"]], shape=teacher_shape, split=pretrain_split,
-                    init=None, steps=setting["teacher_steps"], save="teacher")
-    ]  # fmt: skip
+    base_runs = [runner.teacher_spec()]
     if setting["grow"]:
         base_runs.append(
             runner.spec("ce", lr, split="pretrain", init=None, steps=setting["pretrain_steps"], save="student")
