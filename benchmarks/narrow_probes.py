@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     variants = [matta, *({**matta, **change} for change in VARIANTS.values())]
     matta_runs = [runner.spec("matta", hp, 0, mix_n_match=True) for hp in variants]
     alone_runs = [runner.spec("kd", kd, 0, widths=[w]) for w in ladder(setting)]  # quality.py's seed 0
-    base, kd_student, kd_ta, default, *others = runner.run_all([runner.teacher_spec(), *kd_runs, *matta_runs])
-    alone = runner.run_all(alone_runs)
+    first = runner.run_all([runner.teacher_spec(), *kd_runs, *alone_runs, *matta_runs])
+    base, kd_student, kd_ta = first[:3]
+    alone, (default, *others) = first[3 : 3 + len(alone_runs)], first[3 + len(alone_runs) :]
     taught = runner.run_all(
         [runner.spec("kd", {**kd, "teacher_weight": gamma}, 0, teacher="kd_ta") for gamma in GAMMAS]
     )
