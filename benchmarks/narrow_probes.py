@@ -1,14 +1,17 @@
 """Probes of the narrow setting's misses, run after `quality.py --setting narrow` (they reuse its data, teacher,
-defaults and run cache), seed 0 each:
+defaults, seeds and run cache):
 
     .venv/bin/python benchmarks/quality.py --setting narrow     # first: data, teacher and the arms (about 2 h)
-    .venv/bin/python benchmarks/narrow_probes.py                # then these probes (about 30 min on 2 cores)
+    .venv/bin/python benchmarks/narrow_probes.py                # then these probes (about 3 h on 2 cores)
 
-1. Two MatTA variants against the defaults, with their Mix'n'Match families: the paper's schedule (every term on from
-   step 0, the distillation term ramped in over 10 %) instead of the TA first (does letting the TA go first matter
-   where width binds?), and the TA's term weighted 2 (does it bring the wide members to the curve of models trained
-   alone, which they miss by about 3 %, and at what cost to the student?).
-2. How far distillation can take a student of this width: KD alone at the TA's width (the benchmark's own seed-0 run,
+1. MatTA variants against the defaults, with their Mix'n'Match families: the paper's schedule (every term on from
+   step 0, the distillation term ramped in over 10 %; seed 0: does letting the TA go first matter where width
+   binds?), the TA's term weighted 2 (3 seeds: does it bring the wide members to the curve of models trained alone,
+   which they miss by about 3 %, and at what cost to the student?), and the TA alone for 60 % instead of 40 % (2
+   seeds). Each against KD alone at each width and the same seed, and, to decide whether a variant should replace the
+   defaults, the family's geometric mean perplexity on the tune split (never the test split).
+2. Training 3 x longer (seed 0): does the TA's lead, and the cost of nesting, grow or shrink with more tokens?
+3. How far distillation can take a student of this width: KD alone at the TA's width (the benchmark's own seed-0 run,
    saved), then KD students taught by it instead of the benchmark's weaker teacher (gamma 0.5 and 0.9). If they end
    where MatTA's student does, the TA gives its student what a teacher of the TA's quality can, and a MatTA student
    10 % below the KD student would have to beat distillation itself.
@@ -17,21 +20,29 @@ Writes a section of benchmarks/RESULTS.md; runs are cached under `--work`, like 
 """
 
 import argparse
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from quality import SETTINGS, Runner, ladder, trials
+from quality import SETTINGS, Runner, _mean_std, ladder, trials
 
 from hf_matta.pipeline.report import provenance, write_section
 
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {  # the MatTA defaults, then these changes to them
-    "paper: all on, distill ramp 10 %": dict(ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1),
-    "TA first, TA's term weighted 2": dict(ta_weight=2.0),
+VARIANTS = {  # the MatTA defaults, then these changes to them, and the seeds each runs (quality.py runs the defaults')
+    "paper: all on, distill ramp 10 %": (
+        dict(ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1), (0,)
+    ),
+    "TA first, TA's term weighted 2": (dict(ta_weight=2.0), (0, 1, 2)),
+    "TA first for 60 %": (dict(ta_first_steps=0.6), (0, 1)),
 }
+SEEDS = (0, 1, 2)  # quality.py's seeds of the narrow setting: its defaults' and KD alone's runs are cached
 GAMMAS = (0.5, 0.9)
+LONGER = 3  # the longer-training probe: 3 x the steps (1.6 epochs), seed 0
+DEFAULT = "TA first 40 %, ramps 30 % (default)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,40 +65,120 @@ def main(argv: list[str] | None = None) -> None:
     matta = trials(setting, "matta", 1, base=kd)[0]
 
     kd_runs = [runner.spec("kd", kd, 0), runner.spec("kd", kd, 0, widths=[A], save="kd_ta")]
-    variants = [matta, *({**matta, **change} for change in VARIANTS.values())]
-    matta_runs = [runner.spec("matta", hp, 0, mix_n_match=True) for hp in variants]
-    alone_runs = [runner.spec("kd", kd, 0, widths=[w]) for w in ladder(setting)]  # quality.py's seed 0
-    first = runner.run_all([runner.teacher_spec(), *kd_runs, *alone_runs, *matta_runs])
+    variants = {DEFAULT: (matta, SEEDS)}
+    variants.update({name: ({**matta, **change}, seeds) for name, (change, seeds) in VARIANTS.items()})
+    matta_runs = {
+        (name, seed): runner.spec("matta", hp, seed, mix_n_match=True)
+        for name, (hp, seeds) in variants.items()
+        for seed in seeds
+    }
+    alone_runs = {(w, seed): runner.spec("kd", kd, seed, widths=[w]) for w in ladder(setting) for seed in SEEDS}
+    first = runner.run_all([runner.teacher_spec(), *kd_runs, *alone_runs.values(), *matta_runs.values()])
     base, kd_student, kd_ta = first[:3]
-    alone, (default, *others) = first[3 : 3 + len(alone_runs)], first[3 + len(alone_runs) :]
+    alone = dict(zip(alone_runs, first[3 : 3 + len(alone_runs)]))
+    matta_results = dict(zip(matta_runs, first[3 + len(alone_runs) :]))
     taught = runner.run_all(
         [runner.spec("kd", {**kd, "teacher_weight": gamma}, 0, teacher="kd_ta") for gamma in GAMMAS]
     )
+    steps = LONGER * setting["steps"]
+    longer = runner.run_all(
+        [runner.spec("kd", kd, 0, steps=steps), runner.spec("kd", kd, 0, steps=steps, widths=[A])]
+        + [runner.spec("matta", matta, 0, steps=steps)]
+    )
     runner.pool.shutdown()
     teacher = next(iter(base["test_ppl"].values()))
-    minutes = sum(result["seconds"] for result in (kd_student, kd_ta, default, *others, *taught)) / 60
+    variant_runs = [result for (name, _), result in matta_results.items() if name != DEFAULT]
+    probes = [kd_student, kd_ta, *taught, *longer, *variant_runs]
+    minutes = sum(result["seconds"] for result in probes) / 60
     middle = ladder(setting)[1:-1]  # the Mix'n'Match widths between student and TA
+    default = matta_results[DEFAULT, 0]
     lines = [
         "## Narrow-setting probes: `narrow_probes.py`",
         "",
         *provenance("benchmarks/narrow_probes.py", time.perf_counter() - started, f"{args.jobs} jobs x 1 thread"),
-        "- The narrow setting of `quality.py` (its data, defaults and cached runs), seed 0; test perplexity on the "
+        "- The narrow setting of `quality.py` (its data, defaults and cached runs); test perplexity on the "
         f"same 1024 test blocks. Training runs: {minutes:.1f} process-minutes in all (cached runs are not run again).",
         "",
-        "### MatTA's defaults (TA first) against the paper's schedule and a heavier TA term",
+        "### MatTA's defaults (TA first 40 %) against the paper's schedule, a heavier TA term and a longer TA-first "
+        "phase, seed 0",
         "",
         "| MatTA | student | " + " | ".join(f"uniform {w}" for w in middle) + " | TA | search monotone |",
         "|---|---|" + "---|" * len(middle) + "---|---|",
     ]
-    rows = [("TA first 40 %, ramps 30 % (default)", default), *zip(VARIANTS, others)]
-    for name, result in rows:
+    for name in variants:
+        result = matta_results[name, 0]
         ppl = result["test_ppl"]
         search = sorted(result["mix_n_match"]["search"], key=lambda point: point["params"])
         monotone = all(b["ppl"] < a["ppl"] for a, b in zip(search, search[1:]))
         cells = " | ".join(f"{ppl[str(w)]:.2f}" for w in middle)
         lines.append(f"| {name} | {ppl[str(S)]:.2f} | {cells} | {ppl[str(A)]:.2f} | {'yes' if monotone else 'no'} |")
-    kd_cells = " | ".join(f"{result['test_ppl'][str(w)]:.2f}" for w, result in zip(ladder(setting), alone))
+    kd_cells = " | ".join(f"{alone[w, 0]['test_ppl'][str(w)]:.2f}" for w in ladder(setting))
     lines.append(f"| (KD alone at each width, seed 0) | {kd_cells} | - |")
+    lines += [
+        "",
+        "### Over seeds: where each schedule puts the student and the TA",
+        "",
+        "Each seed's runs against KD alone at the same seed (quality.py's runs); a percentage is the mean over seeds "
+        "of the per-seed ratio, with its range. The uniform members are the widths between student and TA and the TA.",
+        "",
+        "| MatTA | seeds | student | TA | TA below its student | TA above KD alone at its width | student vs KD "
+        "student | uniform members above KD alone | uniform family monotone | family on the tune split | below the "
+        "default's (tune) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    family = {key: _family(result["tune_ppl"]) for key, result in matta_results.items()}
+    for name, (_, seeds) in variants.items():
+        runs = [matta_results[name, seed]["test_ppl"] for seed in seeds]
+        kd_alone = [{w: alone[w, seed]["test_ppl"][str(w)] for w in ladder(setting)} for seed in seeds]
+        monotone = sum(
+            all(ppl[str(b)] < ppl[str(a)] for a, b in zip(ladder(setting), ladder(setting)[1:])) for ppl in runs
+        )
+        below = sum(family[name, seed] < family[DEFAULT, seed] for seed in seeds)
+        below = "-" if name == DEFAULT else f"{below} of {len(seeds)}"
+        members = [_ratio([ppl[str(w)] for ppl in runs], [kd[w] for kd in kd_alone]) for w in [*middle, A]]
+        lines.append(
+            f"| {name} | {len(seeds)} | {_mean_std([ppl[str(S)] for ppl in runs])} | "
+            f"{_mean_std([ppl[str(A)] for ppl in runs])} | "
+            f"{_percent([1 - ppl[str(A)] / ppl[str(S)] for ppl in runs])} | "
+            f"{_percent([ppl[str(A)] / kd[A] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
+            f"{_percent([ppl[str(S)] / kd[S] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
+            f"{min(members) * 100:+.1f} to {max(members) * 100:+.1f} % | {monotone} of {len(seeds)} | "
+            f"{_mean_std([family[name, seed] for seed in seeds])} | {below} |"
+        )
+    better = [
+        name for name, (_, seeds) in variants.items()
+        if name != DEFAULT and all(family[name, seed] < family[DEFAULT, seed] for seed in seeds)
+    ]  # fmt: skip
+    lines += [
+        "",
+        "The family on the tune split is the geometric mean perplexity of the five uniform members on the tune blocks "
+        "(documents apart from the test ones), a choice that weighs every member (quality.py tunes MatTA on its "
+        "student's tune perplexity alone). "
+        + (
+            f"Lower than the defaults' in every seed: {', '.join(better)}."
+            if better
+            else "No variant's family is lower than the defaults' in every seed it ran: the defaults stay."
+        ),
+    ]
+    kd_longer, kd_ta_longer, matta_longer = (result["test_ppl"] for result in longer)
+    lines += [
+        "",
+        f"### Trained {LONGER} x longer ({steps} steps, {steps * setting['batch'] * setting['block'] / 1e6:.1f} M "
+        "tokens), seed 0",
+        "",
+        "| steps | MatTA student | MatTA TA | TA below its student | KD student | KD alone at the TA's width | "
+        "TA above KD alone | MatTA student vs KD student |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for count, matta_ppl, kd_ppl, kd_ta_ppl in [
+        (setting["steps"], default["test_ppl"], kd_student["test_ppl"], alone[A, 0]["test_ppl"]),
+        (steps, matta_longer, kd_longer, kd_ta_longer),
+    ]:
+        student, ta, kd_s, kd_a = matta_ppl[str(S)], matta_ppl[str(A)], kd_ppl[str(S)], kd_ta_ppl[str(A)]
+        lines.append(
+            f"| {count} | {student:.2f} | {ta:.2f} | {(1 - ta / student) * 100:.1f} % | {kd_s:.2f} | {kd_a:.2f} | "
+            f"{(ta / kd_a - 1) * 100:+.1f} % | {(student / kd_s - 1) * 100:+.1f} % |"
+        )
     lines += [
         "",
         "### How far distillation takes a student of FFN 32",
@@ -108,6 +199,24 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     write_section(args.out, "narrow_probes", text)
     print(text)
+
+
+def _family(ppl: dict[str, float]) -> float:
+    """The geometric mean perplexity of a family's members."""
+    return math.exp(statistics.mean(math.log(value) for value in ppl.values()))
+
+
+def _ratio(values: list[float], baselines: list[float]) -> float:
+    """The mean over seeds of value / baseline - 1."""
+    return statistics.mean(value / baseline - 1 for value, baseline in zip(values, baselines))
+
+
+def _percent(fractions: list[float]) -> str:
+    """Per-seed fractions as their mean in %, with their range."""
+    mean = statistics.mean(fractions) * 100
+    if len(fractions) == 1:
+        return f"{mean:+.1f} %"
+    return f"{mean:+.1f} % ({min(fractions) * 100:+.1f} to {max(fractions) * 100:+.1f})"
 
 
 if __name__ == "__main__":
