@@ -7,10 +7,13 @@ defaults, seeds and run cache):
 1. MatTA variants against the defaults, with their Mix'n'Match families: the paper's schedule (every term on from
    step 0, the distillation term ramped in over 10 %; seed 0: does letting the TA go first matter where width
    binds?), the TA's term weighted 2 (3 seeds: does it bring the wide members to the curve of models trained alone,
-   which they miss by about 3 %, and at what cost to the student?), and the TA alone for 60 % instead of 40 % (2
-   seeds). Each against KD alone at each width and the same seed, and, to decide whether a variant should replace the
+   which they miss by about 3 %, and at what cost to the student?), the TA alone for 60 % instead of 40 % (2
+   seeds), and a Mix'n'Match plan mixing widths across layers trained each step instead of a uniform middle width
+   (`extra_widths="mixed"`, 3 seeds: plans that mix widths are never trained otherwise, and are far off the curve). Each against KD alone at each width and the same seed, and, to decide whether a variant should replace the
    defaults, the family's geometric mean perplexity on the tune split (never the test split).
-2. Training 3 x longer (seed 0): does the TA's lead, and the cost of nesting, grow or shrink with more tokens?
+2. Training 3 x longer (seed 0): does the TA's lead, and the cost of nesting, grow or shrink with more tokens? And is
+   the TA-first phase a share of training or a number of steps: the default (40 %) against the 1000-step run's 400
+   steps, and the paper's schedule, at 3000 steps.
 3. How far distillation can take a student of this width: KD alone at the TA's width (the benchmark's own seed-0 run,
    saved), then KD students taught by it instead of the benchmark's weaker teacher (gamma 0.5 and 0.9). If they end
    where MatTA's student does, the TA gives its student what a teacher of the TA's quality can, and a MatTA student
@@ -26,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-from quality import SETTINGS, Runner, _mean_std, ladder, trials
+from quality import SETTINGS, Runner, _log_interpolate, _mean_std, _model_config, ladder, trials
 
 from hf_matta.pipeline.report import provenance, write_section
+from hf_matta.widths import count_parameters
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +42,17 @@ VARIANTS = {  # the MatTA defaults, then these changes to them, and the seeds ea
     ),
     "TA first, TA's term weighted 2": (dict(ta_weight=2.0), (0, 1, 2)),
     "TA first for 60 %": (dict(ta_first_steps=0.6), (0, 1)),
+    "a mixed plan per step instead of a uniform width": (dict(extra_widths="mixed"), (0, 1, 2)),
 }
 SEEDS = (0, 1, 2)  # quality.py's seeds of the narrow setting: its defaults' and KD alone's runs are cached
 GAMMAS = (0.5, 0.9)
 LONGER = 3  # the longer-training probe: 3 x the steps (1.6 epochs), seed 0
+LONGER_VARIANTS = {  # MatTA's schedules trained that long: is the default's TA-first phase a share or a step count?
+    "TA first 400 steps, ramps 300 (the 1000-step run's)": dict(
+        ta_first_steps=400, student_warmup_steps=300, distill_warmup_steps=300
+    ),
+    "paper: all on, distill ramp 10 %": VARIANTS["paper: all on, distill ramp 10 %"][0],
+}
 DEFAULT = "TA first 40 %, ramps 30 % (default)"
 
 
@@ -81,9 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         [runner.spec("kd", {**kd, "teacher_weight": gamma}, 0, teacher="kd_ta") for gamma in GAMMAS]
     )
     steps = LONGER * setting["steps"]
+    longer_schedules = {DEFAULT: matta, **{name: {**matta, **change} for name, change in LONGER_VARIANTS.items()}}
     longer = runner.run_all(
         [runner.spec("kd", kd, 0, steps=steps), runner.spec("kd", kd, 0, steps=steps, widths=[A])]
-        + [runner.spec("matta", matta, 0, steps=steps)]
+        + [runner.spec("matta", hp, 0, steps=steps) for hp in longer_schedules.values()]
     )
     runner.pool.shutdown()
     teacher = next(iter(base["test_ppl"].values()))
@@ -160,24 +172,48 @@ def main(argv: list[str] | None = None) -> None:
             else "No variant's family is lower than the defaults' in every seed it ran: the defaults stay."
         ),
     ]
-    kd_longer, kd_ta_longer, matta_longer = (result["test_ppl"] for result in longer)
+    params = [count_parameters(_model_config(setting, [w]), w) for w in ladder(setting)]
+    families = list(default["mix_n_match"])
+    lines += [
+        "",
+        "### Mix'n'Match families against the KD-alone curve",
+        "",
+        "Each family's members (quality.py's: uniform plans, block plans, the greedy search's path, and both after "
+        "reordering by importance) against KD alone at the same seed, the curve through its sizes (log-linear "
+        "between them): the worst member of each seed, as the mean over seeds and its range; and in how many seeds "
+        "the family is monotone.",
+        "",
+        "| MatTA | " + " | ".join(families) + " |",
+        "|---|" + "---|" * len(families),
+    ]
+    for name, (_, seeds) in variants.items():
+        cells = []
+        for family in families:
+            worst, monotone = [], 0
+            for seed in seeds:
+                kd_curve = [alone[w, seed]["test_ppl"][str(w)] for w in ladder(setting)]
+                points = sorted(matta_results[name, seed]["mix_n_match"][family], key=lambda point: point["params"])
+                worst.append(max(p["ppl"] / _log_interpolate(p["params"], params, kd_curve) - 1 for p in points))
+                monotone += all(b["ppl"] < a["ppl"] for a, b in zip(points, points[1:]))
+            cells.append(f"{_percent(worst)}, monotone {monotone} of {len(seeds)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    kd_longer, kd_ta_longer, *matta_longer = (result["test_ppl"] for result in longer)
     lines += [
         "",
         f"### Trained {LONGER} x longer ({steps} steps, {steps * setting['batch'] * setting['block'] / 1e6:.1f} M "
         "tokens), seed 0",
         "",
-        "| steps | MatTA student | MatTA TA | TA below its student | KD student | KD alone at the TA's width | "
-        "TA above KD alone | MatTA student vs KD student |",
-        "|---|---|---|---|---|---|---|---|",
+        "| steps | MatTA schedule | MatTA student | MatTA TA | TA below its student | KD student | KD alone at the "
+        "TA's width | TA above KD alone | MatTA student vs KD student |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for count, matta_ppl, kd_ppl, kd_ta_ppl in [
-        (setting["steps"], default["test_ppl"], kd_student["test_ppl"], alone[A, 0]["test_ppl"]),
-        (steps, matta_longer, kd_longer, kd_ta_longer),
-    ]:
+    rows = [(setting["steps"], DEFAULT, default["test_ppl"], kd_student["test_ppl"], alone[A, 0]["test_ppl"])]
+    rows += [(steps, name, ppl, kd_longer, kd_ta_longer) for name, ppl in zip(longer_schedules, matta_longer)]
+    for count, name, matta_ppl, kd_ppl, kd_ta_ppl in rows:
         student, ta, kd_s, kd_a = matta_ppl[str(S)], matta_ppl[str(A)], kd_ppl[str(S)], kd_ta_ppl[str(A)]
         lines.append(
-            f"| {count} | {student:.2f} | {ta:.2f} | {(1 - ta / student) * 100:.1f} % | {kd_s:.2f} | {kd_a:.2f} | "
-            f"{(ta / kd_a - 1) * 100:+.1f} % | {(student / kd_s - 1) * 100:+.1f} % |"
+            f"| {count} | {name} | {student:.2f} | {ta:.2f} | {(1 - ta / student) * 100:.1f} % | {kd_s:.2f} | "
+            f"{kd_a:.2f} | {(ta / kd_a - 1) * 100:+.1f} % | {(student / kd_s - 1) * 100:+.1f} % |"
         )
     lines += [
         "",

@@ -50,6 +50,7 @@ from them, the date, commit, machine and exact command into `--out` (benchmarks/
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -440,6 +441,12 @@ def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
     ta_only = int(ta_first) if ta_first >= 1 else math.ceil(steps * ta_first)
     ta = 3 * forward(shape, widths[-1]) + teacher
     students = 3 * forward(shape, widths[0]) + share * sum(3 * forward(shape, width) for width in extras)
+    if hp.get("extra_widths") == "mixed":  # one plan per step, any but the uniform student and TA: their mean cost
+        config = _model_config(shape, widths)
+        plans = [plan for plan in itertools.product(widths, repeat=shape["n_layer"]) if plan[1:] != plan[:-1]
+                 or plan[0] not in (widths[0], widths[-1])]  # fmt: skip
+        mixed = statistics.mean(count_flops_per_token(config, list(plan), setting["block"]) for plan in plans)
+        students += 3 * mixed * tokens
     return ta_only * ta + (steps - ta_only) * (ta + students)
 
 

@@ -212,6 +212,31 @@ def test_ta_first_phase_skips_the_student_forward(tmp_path):
     ]
 
 
+def test_mixed_extra_widths_train_one_mix_n_match_plan_per_step(tmp_path):
+    """`extra_widths="mixed"`: besides the TA and the student, each step runs one per-layer plan drawn from the
+    granularities, never the uniform student or TA, the same plan in every layer's view of the step; its terms are
+    logged as `mixed`, and a rerun draws the same plans."""
+    plans = []
+    for run in range(2):
+        trainer = _trainer(tmp_path / str(run), extra_widths="mixed", max_steps=20)
+        widths_by_layer: dict[int, list[list[int]]] = {}
+        for index, block in enumerate(trainer.model.transformer.h):
+            block.mlp.c_fc.register_forward_pre_hook(
+                lambda module, args, index=index: widths_by_layer.setdefault(index, []).append(args[1])
+            )
+        trainer.train()
+        # per step: the TA's forward, the student's, then the plan's
+        steps = [list(zip(*(widths_by_layer[i][k : k + 3] for i in (0, 1)))) for k in range(0, 60, 3)]
+        assert all(ta == (64, 64) and student == (16, 16) for ta, student, _ in steps), steps
+        plans.append([plan for _, _, plan in steps])
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert all({"loss_mixed", "loss_distill_mixed"} <= entry.keys() for entry in logs), logs
+    assert plans[0] == plans[1]
+    assert all(set(plan) <= {16, 32, 64} and plan not in ((16, 16), (64, 64)) for plan in plans[0]), plans[0]
+    assert any(plan[0] != plan[1] for plan in plans[0]), plans[0]  # layers of different widths
+    assert len(set(plans[0])) > 3, plans[0]
+
+
 def test_a_single_granularity_model_trains_from_the_first_step_whatever_the_schedule(tmp_path, teacher):
     """A KD baseline trained with a MatTA config (the pipeline's `baseline: true`): with no TA to go first, the
     TA-first phase and the ramps must not stop or shrink its training. Same weights as a run without the schedule."""

@@ -473,7 +473,7 @@ def matta_loss(
     labels: torch.LongTensor,
     ta_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | TopKLogProbs | None = None,
-    extra_logits: Mapping[int, torch.Tensor] | None = None,
+    extra_logits: Mapping[int | str, torch.Tensor] | None = None,
     student_weight: float = 1.0,
     ta_weight: float = 1.0,
     distill_weight: float = 1.0,
@@ -487,7 +487,8 @@ def matta_loss(
     compiled: bool = False,
 ) -> MatTALoss:
     """L = w_S target(z_S) + w_A target(z_A) + w_D KL_tauD(sg(z_A) || z_S), plus, for every extra width `w` in
-    `extra_logits` (trained as a student of the TA), w_S target(z_w) + w_D KL_tauD(sg(z_A) || z_w).
+    `extra_logits` (trained as a student of the TA), w_S target(z_w) + w_D KL_tauD(sg(z_A) || z_w), reported as
+    `w{w}` and `distill_w{w}`; a string key names its terms itself (the trainer's sampled Mix'n'Match plan, `mixed`).
 
     Logits are `(..., T, V)`, all on the same tokens; `labels` `(..., T)` unshifted. A model whose logits are None
     takes no part: no TA means no TA and no distillation terms, no teacher means gamma = 0, no student means no
@@ -517,7 +518,7 @@ def matta_loss(
     if ta_logits is not None and ta_term:
         groups["ta"] = (ta_weight, _target_terms(1, teacher, teacher_weight, teacher_temperature))
     for index, width in enumerate(extra_logits, start=3):
-        add_student(f"w{width}", index)
+        add_student(width if isinstance(width, str) else f"w{width}", index)
 
     terms = [term for _, group in groups.values() for term in group]
     weights = [weight * term.share for weight, group in groups.values() for term in group]

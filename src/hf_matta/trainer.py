@@ -13,8 +13,8 @@ terms send nothing to the TA's logits), and the peak memory holds one model's au
 backward runs without gradient synchronisation (DDP's `no_sync`, FSDP's deferred reduction, no DeepSpeed optimizer
 step), so a step still communicates once, as with gradient accumulation.
 
-Every term is logged on its own (`loss_student`, `loss_ta`, `loss_distill`, `loss_w{w}` for extra widths, and
-`distill_weight`, the w_D(t) in force), averaged over the logging window as Trainer's `loss`; evaluation adds the
+Every term is logged on its own (`loss_student`, `loss_ta`, `loss_distill`, `loss_w{w}` for extra widths or
+`loss_mixed` for the sampled Mix'n'Match plan, and `distill_weight`, the w_D(t) in force), averaged over the logging window as Trainer's `loss`; evaluation adds the
 cross-entropy and perplexity of every granularity (`eval_loss_w{w}`, `eval_ppl_w{w}`).
 
 A SIGTERM during training (preemption) finishes the current optimizer step, saves a checkpoint and exits the process
@@ -466,8 +466,9 @@ class MatTATrainer(Trainer):
         # Placed, replicated on every process; under FSDP2 too, which accelerate prepares only with an optimizer.
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    def _granularities(self, evaluating: bool) -> tuple[list[int], bool]:
-        """The widths trained this step (student and extra widths, ascending) and whether the TA is trained.
+    def _granularities(self, evaluating: bool) -> tuple[list[int | tuple[int, ...]], bool]:
+        """The widths trained this step (student and extra widths, ascending; with `extra_widths="mixed"`, the
+        student and a per-layer plan) and whether the TA is trained.
 
         Sampling is seeded by (seed, global step): every micro-batch and every process of a step draws the same
         widths, and a resumed run draws what the uninterrupted one drew.
@@ -480,6 +481,8 @@ class MatTATrainer(Trainer):
         rng = random.Random(f"{args.seed}:{self.state.global_step}")
         if args.extra_widths == "sample" and extras and not evaluating:
             extras = [rng.choice(extras)]
+        if args.extra_widths == "mixed" and not evaluating:
+            extras = self._mixed_plan(rng)
         students = [config.student_width, *extras]
         ta_trained = config.student_width != ta_width and args.ta_weight > 0
         step, total = self.state.global_step, self.state.max_steps
@@ -490,6 +493,19 @@ class MatTATrainer(Trainer):
             chosen = rng.choice([*students, *([ta_width] if ta_trained else [])])
             return ([] if chosen == ta_width else [chosen]), chosen == ta_width
         return students, ta_trained
+
+    def _mixed_plan(self, rng: random.Random) -> list[tuple[int, ...]]:
+        """`extra_widths="mixed"`: this step's Mix'n'Match plan, one width per layer drawn from the granularities
+        from the student's to the TA's, redrawn while it is the uniform student or TA (both trained anyway); none
+        where no other plan exists (one layer and no width in between)."""
+        config = self._config
+        widths = [width for width in config.mat_widths if width >= config.student_width]
+        ends = {(config.student_width,) * config.n_layer, (widths[-1],) * config.n_layer}
+        if config.n_layer == 1 and len(widths) <= 2:
+            return []
+        while (plan := tuple(rng.choice(widths) for _ in range(config.n_layer))) in ends:
+            pass
+        return [plan]
 
     def _term_weights(self, evaluating: bool) -> tuple[float, float]:
         """(w_S(t), w_D(t)) at this step; every term at its full weight when evaluating, whatever the schedule, and
@@ -544,7 +560,7 @@ class MatTATrainer(Trainer):
     def _objective(
         self,
         labels: torch.Tensor,
-        students: Mapping[int, torch.Tensor],
+        students: Mapping[int | tuple[int, ...], torch.Tensor],
         ta_logits: torch.Tensor | None,
         teacher: torch.Tensor | TopKLogProbs | None,
         num_items: torch.Tensor | int | None,
@@ -560,7 +576,11 @@ class MatTATrainer(Trainer):
             labels,
             ta_logits=ta_logits,
             teacher_logits=teacher,
-            extra_logits={width: logits for width, logits in students.items() if width != config.student_width},
+            extra_logits={
+                width if isinstance(width, int) else "mixed": logits
+                for width, logits in students.items()
+                if width != config.student_width
+            },
             student_weight=student_weight,
             ta_weight=ta_weight,
             distill_weight=distill_weight,
@@ -580,7 +600,7 @@ class MatTATrainer(Trainer):
         inputs: Mapping[str, torch.Tensor],
         num_items: torch.Tensor | int | None = None,
         evaluating: bool = False,
-    ) -> tuple[MatTALoss, dict[int, torch.Tensor]]:
+    ) -> tuple[MatTALoss, dict[int | tuple[int, ...], torch.Tensor]]:
         """Run this step's forwards and return `(MatTALoss, logits (B, T, V) by width)`; `num_items` defaults to
         this batch's valid-token count. `evaluating` runs every granularity and term, with no sampling."""
         args, config = self.args, self._config
@@ -590,7 +610,7 @@ class MatTATrainer(Trainer):
         has_ta = config.student_width != ta_width  # with a single granularity the student is the whole model
         student_weight, distill_weight = self._term_weights(evaluating)
         teacher = self._teacher_targets(inputs, model_inputs, evaluating)
-        logits: dict[int, torch.Tensor] = {}
+        logits: dict[int | tuple[int, ...], torch.Tensor] = {}
         # The TA runs first, as in `training_step`'s two backwards: with dropout, both draw the same masks.
         run_ta = ta_trained or (has_ta and students and (args.distill_weight > 0 or evaluating))
         if run_ta:
@@ -609,7 +629,7 @@ class MatTATrainer(Trainer):
         )
         return loss, logits
 
-    def _backward_ta_first(self, students: list[int], ta_trained: bool) -> bool:
+    def _backward_ta_first(self, students: list[int | tuple[int, ...]], ta_trained: bool) -> bool:
         """Whether this step takes the TA's backward first (module docstring): it trains the TA and a student,
         `ta_backward_first` and `detach_ta_targets` are on, and nothing in the run needs a single backward."""
         args = self.args

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from .losses import DEFAULT_CHUNK_SIZE
 
 
-EXTRA_WIDTHS = ("none", "all", "sample")
+EXTRA_WIDTHS = ("none", "all", "sample", "mixed")
 COMPILE_LOSS = ("auto", "on", "off")
 WIDTH_SCHEDULES = ("all", "sample_one")
 OPTIMIZERS = ("adamw", "shampoo", "soap", "distributed_shampoo")
@@ -56,7 +56,10 @@ class MatTATrainingArguments(TrainingArguments):
         teacher_weight (`float`, defaults to 0.5): gamma, the teacher's share in `target(z)`, in [0, 1].
         teacher_temperature (`float`, defaults to 1.0): tau_T of the teacher KL (scaled by tau_T^2).
         extra_widths (`str`, defaults to `"none"`): the granularities strictly between student and TA, each trained
-            as a student of the TA: `"none"`, `"all"` of them every step, or one `"sample"`d per step.
+            as a student of the TA: `"none"`, `"all"` of them every step, or one `"sample"`d per step. `"mixed"`
+            trains one Mix'n'Match plan per step instead, each layer's width drawn from the granularities from the
+            student's to the TA's (redrawn when every layer is at the student's or at the TA's width): the plans that
+            mix widths across layers, which uniform training never runs. Evaluation reports every uniform width.
         width_schedule (`str`, defaults to `"all"`): `"all"` runs every term every step; `"sample_one"` is
             MatFormer's schedule: one granularity (student, TA or a trained extra width) sampled per step, with
             only its own terms.
@@ -138,7 +141,8 @@ class MatTATrainingArguments(TrainingArguments):
         default="none",
         metadata={
             "help": "Granularities between student and TA, trained as students of the TA: 'none', 'all' every "
-            "step, or one 'sample'd per step.",
+            "step, one 'sample'd per step, or one 'mixed' plan per step (each layer's width drawn from the "
+            "granularities).",
             "choices": list(EXTRA_WIDTHS),
         },
     )
