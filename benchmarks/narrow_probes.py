@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from quality import SETTINGS, Runner, _log_interpolate, _mean_std, _model_config, ladder, trials
+from quality import SETTINGS, Runner, _mean_std, _model_config, against_curve, ladder, trials
 
 from hf_matta.pipeline.report import provenance, write_section
 from hf_matta.widths import count_parameters
@@ -189,13 +189,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, (_, seeds) in variants.items():
         cells = []
         for family in families:
-            worst, monotone = [], 0
-            for seed in seeds:
-                kd_curve = [alone[w, seed]["test_ppl"][str(w)] for w in ladder(setting)]
-                points = sorted(matta_results[name, seed]["mix_n_match"][family], key=lambda point: point["params"])
-                worst.append(max(p["ppl"] / _log_interpolate(p["params"], params, kd_curve) - 1 for p in points))
-                monotone += all(b["ppl"] < a["ppl"] for a, b in zip(points, points[1:]))
-            cells.append(f"{_percent(worst)}, monotone {monotone} of {len(seeds)}")
+            checks = [
+                against_curve(
+                    matta_results[name, seed]["mix_n_match"][family],
+                    params,
+                    [alone[w, seed]["test_ppl"][str(w)] for w in ladder(setting)],
+                )
+                for seed in seeds
+            ]
+            monotone = sum(ordered for _, ordered in checks)
+            cells.append(f"{_percent([worst for worst, _ in checks])}, monotone {monotone} of {len(seeds)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     kd_longer, kd_ta_longer, *matta_longer = (result["test_ppl"] for result in longer)
     lines += [

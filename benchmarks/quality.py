@@ -571,6 +571,15 @@ def _log_interpolate(x: float, xs: list[float], ys: list[float]) -> float:
     raise ValueError(f"{x} is outside [{xs[0]}, {xs[-1]}]")
 
 
+def against_curve(points: list[dict], params: list[int], kd: list[float]) -> tuple[float, bool]:
+    """A Mix'n'Match family (`points` with `params` and `ppl`) against the KD-alone curve through (params, kd): its
+    worst member's excess over the curve (ppl / curve - 1; <= 0 when every member is at or below it), and whether
+    the family is monotone (more parameters, lower perplexity)."""
+    points = sorted(points, key=lambda point: point["params"])
+    worst = max(point["ppl"] / _log_interpolate(point["params"], params, kd) - 1 for point in points)
+    return worst, all(b["ppl"] < a["ppl"] for a, b in zip(points, points[1:]))
+
+
 class Report:
     """The markdown report, section by section; `claims()` states which of the paper's claims held."""
 
@@ -715,11 +724,8 @@ class Report:
             self.lines.append(f"| {params[index] / 1e6:.3f} M | {kd_cell} | " + " | ".join(cells) + " |")
         self.lines += ["", f"![Mix'n'Match curve]({plot_path.name})", ""]
         for family in families:
-            below, monotone = [], []
-            for result in results["matta"]:
-                points = sorted(result["mix_n_match"][family], key=lambda point: point["params"])
-                below.append(all(p["ppl"] <= _log_interpolate(p["params"], params, kd) for p in points))
-                monotone.append(all(b["ppl"] < a["ppl"] for a, b in zip(points, points[1:])))
+            checks = [against_curve(result["mix_n_match"][family], params, kd) for result in results["matta"]]
+            below, monotone = [worst <= 0 for worst, _ in checks], [ordered for _, ordered in checks]
             self.verdicts.append(
                 f"- Mix'n'Match `{family}`: at or below the KD-alone curve at every size in {sum(below)} of "
                 f"{len(below)} seeds; monotone (more parameters, lower perplexity) in {sum(monotone)} of "
