@@ -11,9 +11,9 @@ defaults, seeds and run cache):
    seeds), and a Mix'n'Match plan mixing widths across layers trained each step instead of a uniform middle width
    (`extra_widths="mixed"`, 3 seeds: plans that mix widths are never trained otherwise, and are far off the curve). Each against KD alone at each width and the same seed, and, to decide whether a variant should replace the
    defaults, the family's geometric mean perplexity on the tune split (never the test split).
-2. Training 3 x longer (seed 0): does the TA's lead, and the cost of nesting, grow or shrink with more tokens? And is
+2. Training 3 x longer (seeds 0 and 1): does the TA's lead, and the cost of nesting, grow or shrink with more tokens? And is
    the TA-first phase a share of training or a number of steps: the default (40 %) against the 1000-step run's 400
-   steps, and the paper's schedule, at 3000 steps.
+   steps, and the paper's schedule, at 3000 steps (seed 0).
 3. How far distillation can take a student of this width: KD alone at the TA's width (the benchmark's own seed-0 run,
    saved), then KD students taught by it instead of the benchmark's weaker teacher (gamma 0.5 and 0.9). If they end
    where MatTA's student does, the TA gives its student what a teacher of the TA's quality can, and a MatTA student
@@ -46,7 +46,8 @@ VARIANTS = {  # the MatTA defaults, then these changes to them, and the seeds ea
 }
 SEEDS = (0, 1, 2)  # quality.py's seeds of the narrow setting: its defaults' and KD alone's runs are cached
 GAMMAS = (0.5, 0.9)
-LONGER = 3  # the longer-training probe: 3 x the steps (1.6 epochs), seed 0
+LONGER = 3  # the longer-training probe: 3 x the steps (1.6 epochs)
+LONGER_SEEDS = (0, 1)  # of the defaults and KD trained that long; the other schedules: seed 0
 LONGER_VARIANTS = {  # MatTA's schedules trained that long: is the default's TA-first phase a share or a step count?
     "TA first 400 steps, ramps 300 (the 1000-step run's)": dict(
         ta_first_steps=400, student_warmup_steps=300, distill_warmup_steps=300
@@ -92,15 +93,21 @@ def main(argv: list[str] | None = None) -> None:
         [runner.spec("kd", {**kd, "teacher_weight": gamma}, 0, teacher="kd_ta") for gamma in GAMMAS]
     )
     steps = LONGER * setting["steps"]
-    longer_schedules = {DEFAULT: matta, **{name: {**matta, **change} for name, change in LONGER_VARIANTS.items()}}
-    longer = runner.run_all(
-        [runner.spec("kd", kd, 0, steps=steps), runner.spec("kd", kd, 0, steps=steps, widths=[A])]
-        + [runner.spec("matta", hp, 0, steps=steps) for hp in longer_schedules.values()]
-    )
+    longer_schedules = {DEFAULT: (matta, LONGER_SEEDS)}
+    longer_schedules.update({name: ({**matta, **change}, (0,)) for name, change in LONGER_VARIANTS.items()})
+    longer_specs = {  # the longest runs first: they start first
+        (name, seed): runner.spec("matta", hp, seed, steps=steps)
+        for name, (hp, seeds) in longer_schedules.items()
+        for seed in seeds
+    }
+    for seed in LONGER_SEEDS:
+        longer_specs["kd_ta", seed] = runner.spec("kd", kd, seed, steps=steps, widths=[A])
+        longer_specs["kd", seed] = runner.spec("kd", kd, seed, steps=steps)
+    longer = dict(zip(longer_specs, runner.run_all(list(longer_specs.values()))))
     runner.pool.shutdown()
     teacher = next(iter(base["test_ppl"].values()))
     variant_runs = [result for (name, _), result in matta_results.items() if name != DEFAULT]
-    probes = [kd_student, kd_ta, *taught, *longer, *variant_runs]
+    probes = [kd_student, kd_ta, *taught, *longer.values(), *variant_runs]
     minutes = sum(result["seconds"] for result in probes) / 60
     middle = ladder(setting)[1:-1]  # the Mix'n'Match widths between student and TA
     default = matta_results[DEFAULT, 0]
@@ -200,23 +207,28 @@ def main(argv: list[str] | None = None) -> None:
             monotone = sum(ordered for _, ordered in checks)
             cells.append(f"{_percent([worst for worst, _ in checks])}, monotone {monotone} of {len(seeds)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    kd_longer, kd_ta_longer, *matta_longer = (result["test_ppl"] for result in longer)
     lines += [
         "",
         f"### Trained {LONGER} x longer ({steps} steps, {steps * setting['batch'] * setting['block'] / 1e6:.1f} M "
-        "tokens), seed 0",
+        "tokens)",
         "",
-        "| steps | MatTA schedule | MatTA student | MatTA TA | TA below its student | KD student | KD alone at the "
-        "TA's width | TA above KD alone | MatTA student vs KD student |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| steps | MatTA schedule | seed | MatTA student | MatTA TA | TA below its student | KD student | KD alone at "
+        "the TA's width | TA above KD alone | MatTA student vs KD student |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = [(setting["steps"], DEFAULT, default["test_ppl"], kd_student["test_ppl"], alone[A, 0]["test_ppl"])]
-    rows += [(steps, name, ppl, kd_longer, kd_ta_longer) for name, ppl in zip(longer_schedules, matta_longer)]
-    for count, name, matta_ppl, kd_ppl, kd_ta_ppl in rows:
-        student, ta, kd_s, kd_a = matta_ppl[str(S)], matta_ppl[str(A)], kd_ppl[str(S)], kd_ta_ppl[str(A)]
+    rows = [(setting["steps"], DEFAULT, seed, matta_results[DEFAULT, seed], alone[S, seed], alone[A, seed])
+            for seed in LONGER_SEEDS]  # fmt: skip
+    rows += [
+        (steps, name, seed, longer[name, seed], longer["kd", seed], longer["kd_ta", seed])
+        for name, (_, seeds) in longer_schedules.items()
+        for seed in seeds
+    ]
+    for count, name, seed, matta_run, kd_run, kd_ta_run in rows:
+        student, ta = matta_run["test_ppl"][str(S)], matta_run["test_ppl"][str(A)]
+        kd_s, kd_a = kd_run["test_ppl"][str(S)], kd_ta_run["test_ppl"][str(A)]
         lines.append(
-            f"| {count} | {name} | {student:.2f} | {ta:.2f} | {(1 - ta / student) * 100:.1f} % | {kd_s:.2f} | "
-            f"{kd_a:.2f} | {(ta / kd_a - 1) * 100:+.1f} % | {(student / kd_s - 1) * 100:+.1f} % |"
+            f"| {count} | {name} | {seed} | {student:.2f} | {ta:.2f} | {(1 - ta / student) * 100:.1f} % | "
+            f"{kd_s:.2f} | {kd_a:.2f} | {(ta / kd_a - 1) * 100:+.1f} % | {(student / kd_s - 1) * 100:+.1f} % |"
         )
     lines += [
         "",
