@@ -4,16 +4,17 @@ defaults, seeds and run cache):
     .venv/bin/python benchmarks/quality.py --setting narrow     # first: data, teacher and the arms (about 2 h)
     .venv/bin/python benchmarks/narrow_probes.py                # then these probes (about 3 h on 2 cores)
 
-1. MatTA variants against the defaults, with their Mix'n'Match families: the paper's schedule (every term on from
-   step 0, the distillation term ramped in over 10 %; seed 0: does letting the TA go first matter where width
-   binds?), the TA's term weighted 2 (3 seeds: does it bring the wide members to the curve of models trained alone,
-   which they miss by about 3 %, and at what cost to the student?), the TA alone for 60 % instead of 40 % (2
-   seeds), and a Mix'n'Match plan mixing widths across layers trained each step instead of a uniform middle width
-   (`extra_widths="mixed"`, 3 seeds: plans that mix widths are never trained otherwise, and are far off the curve). Each against KD alone at each width and the same seed, and, to decide whether a variant should replace the
-   defaults, the family's geometric mean perplexity on the tune split (never the test split).
-2. Training 3 x longer (seeds 0 and 1): does the TA's lead, and the cost of nesting, grow or shrink with more tokens? And is
-   the TA-first phase a share of training or a number of steps: the default (40 %) against the 1000-step run's 400
-   steps, and the paper's schedule, at 3000 steps (seed 0).
+1. MatTA variants against the defaults, with their Mix'n'Match families: the paper's schedule (every term on from step
+   0, the distillation term ramped in over 10 %; seed 0: does letting the TA go first matter where width binds?), the
+   TA's term weighted 2 (3 seeds: does it bring the wide members to the curve of models trained alone, which they miss
+   by about 3 %, and at what cost to the student?), the TA alone for 60 % instead of 40 % (2 seeds), and a Mix'n'Match
+   plan mixing widths across layers trained each step instead of a uniform middle width (`extra_widths="mixed"`, 3
+   seeds: plans that mix widths are never trained otherwise, and are far off the curve). Each against KD alone at each
+   width and the same seed, and, to decide whether a variant should replace the defaults, the family's geometric mean
+   perplexity on the tune split (never the test split).
+2. Training 3 x longer (seeds 0 and 1): does the TA's lead, and the cost of nesting, grow or shrink with more tokens?
+   And is the TA-first phase a share of training or a number of steps: the default (40 %) against the 1000-step run's
+   400 steps, and the paper's schedule, at 3000 steps (seed 0).
 3. How far distillation can take a student of this width: KD alone at the TA's width (the benchmark's own seed-0 run,
    saved), then KD students taught by it instead of the benchmark's weaker teacher (gamma 0.5 and 0.9). If they end
    where MatTA's student does, the TA gives its student what a teacher of the TA's quality can, and a MatTA student
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         "- The narrow setting of `quality.py` (its data, defaults and cached runs); test perplexity on the "
         f"same 1024 test blocks. Training runs: {minutes:.1f} process-minutes in all (cached runs are not run again).",
         "",
-        "### MatTA's defaults (TA first 40 %) against the paper's schedule, a heavier TA term and a longer TA-first "
-        "phase, seed 0",
+        "### MatTA's defaults (TA first 40 %) against the paper's schedule, a heavier TA term, a longer TA-first "
+        "phase and mixed-plan training, seed 0",
         "",
         "| MatTA | student | " + " | ".join(f"uniform {w}" for w in middle) + " | TA | search monotone |",
         "|---|---|" + "---|" * len(middle) + "---|---|",

@@ -445,8 +445,9 @@ def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
         config = _model_config(shape, widths)
         plans = [plan for plan in itertools.product(widths, repeat=shape["n_layer"]) if plan[1:] != plan[:-1]
                  or plan[0] not in (widths[0], widths[-1])]  # fmt: skip
-        mixed = statistics.mean(count_flops_per_token(config, list(plan), setting["block"]) for plan in plans)
-        students += 3 * mixed * tokens
+        if plans:  # none with one layer and no width in between: the trainer then trains no plan
+            mixed = statistics.mean(count_flops_per_token(config, list(plan), setting["block"]) for plan in plans)
+            students += 3 * mixed * tokens
     return ta_only * ta + (steps - ta_only) * (ta + students)
 
 

@@ -196,6 +196,21 @@ def test_chunked_equals_unchunked(labels, chunk_size, detach, with_teacher):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+def test_a_named_extra_term_is_the_width_term_under_its_own_name(labels):
+    """A string key names its terms (the trainer's `mixed` plan): the same values as under a width, other names
+    left alone; a name that exists already is refused rather than overwriting that term."""
+    student, ta, extra = _logits(3)
+    by_width = matta_loss(student, labels, ta_logits=ta, extra_logits={48: extra})
+    named = matta_loss(student, labels, ta_logits=ta, extra_logits={"mixed": extra})
+    assert named.terms.keys() == {"student", "ta", "distill", "mixed", "distill_mixed"}
+    torch.testing.assert_close(named.total, by_width.total)
+    torch.testing.assert_close(named.terms["mixed"], by_width.terms["w48"])
+    torch.testing.assert_close(named.terms["distill_mixed"], by_width.terms["distill_w48"])
+    for name in ("ta", "student"):
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            matta_loss(student, labels, ta_logits=ta, extra_logits={name: extra})
+
+
 def test_a_scaled_chunked_loss_scales_its_gradient(labels):
     """The chunked loss's buffers hold the gradient of the loss as it is; an outer factor (DDP's number of
     processes, gradient accumulation) still reaches them."""

@@ -212,13 +212,16 @@ def test_ta_first_phase_skips_the_student_forward(tmp_path):
     ]
 
 
-def test_mixed_extra_widths_train_one_mix_n_match_plan_per_step(tmp_path):
+@pytest.mark.parametrize("ta_backward_first", [True, False])
+def test_mixed_extra_widths_train_one_mix_n_match_plan_per_step(tmp_path, ta_backward_first):
     """`extra_widths="mixed"`: besides the TA and the student, each step runs one per-layer plan drawn from the
     granularities, never the uniform student or TA, the same plan in every layer's view of the step; its terms are
-    logged as `mixed`, and a rerun draws the same plans."""
+    logged as `mixed`, and a rerun draws the same plans. With the TA's backward first or one backward of all."""
     plans = []
     for run in range(2):
-        trainer = _trainer(tmp_path / str(run), extra_widths="mixed", max_steps=20)
+        trainer = _trainer(
+            tmp_path / str(run), extra_widths="mixed", max_steps=20, ta_backward_first=ta_backward_first
+        )
         widths_by_layer: dict[int, list[list[int]]] = {}
         for index, block in enumerate(trainer.model.transformer.h):
             block.mlp.c_fc.register_forward_pre_hook(
@@ -241,7 +244,8 @@ def test_a_single_granularity_model_trains_from_the_first_step_whatever_the_sche
     """A KD baseline trained with a MatTA config (the pipeline's `baseline: true`): with no TA to go first, the
     TA-first phase and the ramps must not stop or shrink its training. Same weights as a run without the schedule."""
     params = []
-    for schedule in (dict(ta_first_steps=0.4, student_warmup_steps=0.3, distill_warmup_steps=0.3), dict()):
+    schedule = dict(ta_first_steps=0.4, student_warmup_steps=0.3, distill_warmup_steps=0.3, extra_widths="mixed")
+    for schedule in (schedule, dict()):  # with no other plan, `mixed` trains none
         trainer = _trainer(tmp_path / str(len(params)), model=_student(widths=(16,)), teacher=teacher,
                            teacher_weight=0.5, max_steps=10, **schedule)  # fmt: skip
         trainer.train()

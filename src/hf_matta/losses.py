@@ -518,7 +518,10 @@ def matta_loss(
     if ta_logits is not None and ta_term:
         groups["ta"] = (ta_weight, _target_terms(1, teacher, teacher_weight, teacher_temperature))
     for index, width in enumerate(extra_logits, start=3):
-        add_student(width if isinstance(width, str) else f"w{width}", index)
+        name = width if isinstance(width, str) else f"w{width}"
+        if name in groups or f"distill_{name}" in groups:
+            raise ValueError(f"extra_logits key {width!r} names a term that exists already ({name}): give it another.")
+        add_student(name, index)
 
     terms = [term for _, group in groups.values() for term in group]
     weights = [weight * term.share for weight, group in groups.values() for term in group]

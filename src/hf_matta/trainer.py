@@ -14,8 +14,9 @@ backward runs without gradient synchronisation (DDP's `no_sync`, FSDP's deferred
 step), so a step still communicates once, as with gradient accumulation.
 
 Every term is logged on its own (`loss_student`, `loss_ta`, `loss_distill`, `loss_w{w}` for extra widths or
-`loss_mixed` for the sampled Mix'n'Match plan, and `distill_weight`, the w_D(t) in force), averaged over the logging window as Trainer's `loss`; evaluation adds the
-cross-entropy and perplexity of every granularity (`eval_loss_w{w}`, `eval_ppl_w{w}`).
+`loss_mixed` for the sampled Mix'n'Match plan, and `distill_weight`, the w_D(t) in force), averaged over the logging
+window as Trainer's `loss`; evaluation adds the cross-entropy and perplexity of every granularity (`eval_loss_w{w}`,
+`eval_ppl_w{w}`).
 
 A SIGTERM during training (preemption) finishes the current optimizer step, saves a checkpoint and exits the process
 with status 143 (128 + SIGTERM); `resume_from_checkpoint` continues bit-exactly.
@@ -497,12 +498,12 @@ class MatTATrainer(Trainer):
     def _mixed_plan(self, rng: random.Random) -> list[tuple[int, ...]]:
         """`extra_widths="mixed"`: this step's Mix'n'Match plan, one width per layer drawn from the granularities
         from the student's to the TA's, redrawn while it is the uniform student or TA (both trained anyway); none
-        where no other plan exists (one layer and no width in between)."""
+        where no other plan exists (a single granularity, or one layer and no width in between)."""
         config = self._config
         widths = [width for width in config.mat_widths if width >= config.student_width]
         ends = {(config.student_width,) * config.n_layer, (widths[-1],) * config.n_layer}
-        if config.n_layer == 1 and len(widths) <= 2:
-            return []
+        if len(widths) ** config.n_layer <= len(ends):
+            return []  # otherwise at least a third of the draws are kept
         while (plan := tuple(rng.choice(widths) for _ in range(config.n_layer))) in ends:
             pass
         return [plan]

@@ -58,8 +58,8 @@ class MatTATrainingArguments(TrainingArguments):
         extra_widths (`str`, defaults to `"none"`): the granularities strictly between student and TA, each trained
             as a student of the TA: `"none"`, `"all"` of them every step, or one `"sample"`d per step. `"mixed"`
             trains one Mix'n'Match plan per step instead, each layer's width drawn from the granularities from the
-            student's to the TA's (redrawn when every layer is at the student's or at the TA's width): the plans that
-            mix widths across layers, which uniform training never runs. Evaluation reports every uniform width.
+            student's to the TA's (redrawn when every layer is at the student's or at the TA's width): mostly plans
+            that mix widths across layers, which uniform training never runs. Evaluation reports every uniform width.
         width_schedule (`str`, defaults to `"all"`): `"all"` runs every term every step; `"sample_one"` is
             MatFormer's schedule: one granularity (student, TA or a trained extra width) sampled per step, with
             only its own terms.
