@@ -5,13 +5,13 @@ defaults, seeds and run cache):
     .venv/bin/python benchmarks/narrow_probes.py                # then these probes (about 3 h on 2 cores)
 
 1. MatTA variants against the defaults, with their Mix'n'Match families: the paper's schedule (every term on from step
-   0, the distillation term ramped in over 10 %; seed 0: does letting the TA go first matter where width binds?), the
-   TA's term weighted 2 (3 seeds: does it bring the wide members to the curve of models trained alone, which they miss
-   by about 3 %, and at what cost to the student?), the TA alone for 60 % instead of 40 % (2 seeds), and a Mix'n'Match
-   plan mixing widths across layers trained each step instead of a uniform middle width (`extra_widths="mixed"`, 3
-   seeds: plans that mix widths are never trained otherwise, and are far off the curve). Each against KD alone at each
-   width and the same seed, and, to decide whether a variant should replace the defaults, the family's geometric mean
-   perplexity on the tune split (never the test split).
+   0, the distillation term ramped in over 10 %: does letting the TA go first matter where width binds?), the TA's term
+   weighted 2 (does it bring the wide members to the curve of models trained alone, which they miss by about 3 %, and
+   at what cost to the student?), the TA alone for 60 % instead of 40 %, and a Mix'n'Match plan mixing widths across
+   layers trained each step instead of a uniform middle width (`extra_widths="mixed"`: plans that mix widths are never
+   trained otherwise, and are far off the curve), 3 seeds each. Each against KD alone at each width and the same seed,
+   and, to decide whether a variant should replace the defaults, the family's geometric mean perplexity on the tune
+   split (never the test split).
 2. Training 3 x longer (seeds 0 and 1): does the TA's lead, and the cost of nesting, grow or shrink with more tokens?
    And is the TA-first phase a share of training or a number of steps: the default (40 %) against the 1000-step run's
    400 steps, and the paper's schedule, at 3000 steps (seed 0).
@@ -39,10 +39,10 @@ from hf_matta.widths import count_parameters
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # the MatTA defaults, then these changes to them, and the seeds each runs (quality.py runs the defaults')
     "paper: all on, distill ramp 10 %": (
-        dict(ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1), (0,)
+        dict(ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1), (0, 1, 2)
     ),
     "TA first, TA's term weighted 2": (dict(ta_weight=2.0), (0, 1, 2)),
-    "TA first for 60 %": (dict(ta_first_steps=0.6), (0, 1)),
+    "TA first for 60 %": (dict(ta_first_steps=0.6), (0, 1, 2)),
     "a mixed plan per step instead of a uniform width": (dict(extra_widths="mixed"), (0, 1, 2)),
 }
 SEEDS = (0, 1, 2)  # quality.py's seeds of the narrow setting: its defaults' and KD alone's runs are cached
