@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from quality import SETTINGS, Runner, _mean_std, _model_config, against_curve, ladder, trials
+from quality import SETTINGS, Runner, _mean_std, _model_config, against_curve, ladder, monotone, trials
 
 from hf_matta.pipeline.report import provenance, write_section
 from hf_matta.widths import count_parameters
@@ -128,10 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in variants:
         result = matta_results[name, 0]
         ppl = result["test_ppl"]
-        search = sorted(result["mix_n_match"]["search"], key=lambda point: point["params"])
-        monotone = all(b["ppl"] < a["ppl"] for a, b in zip(search, search[1:]))
+        search = "yes" if monotone(result["mix_n_match"]["search"]) else "no"
         cells = " | ".join(f"{ppl[str(w)]:.2f}" for w in middle)
-        lines.append(f"| {name} | {ppl[str(S)]:.2f} | {cells} | {ppl[str(A)]:.2f} | {'yes' if monotone else 'no'} |")
+        lines.append(f"| {name} | {ppl[str(S)]:.2f} | {cells} | {ppl[str(A)]:.2f} | {search} |")
     kd_cells = " | ".join(f"{alone[w, 0]['test_ppl'][str(w)]:.2f}" for w in ladder(setting))
     lines.append(f"| (KD alone at each width, seed 0) | {kd_cells} | - |")
     lines += [
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, (_, seeds) in variants.items():
         runs = [matta_results[name, seed]["test_ppl"] for seed in seeds]
         kd_alone = [{w: alone[w, seed]["test_ppl"][str(w)] for w in ladder(setting)} for seed in seeds]
-        monotone = sum(
+        falling = sum(
             all(ppl[str(b)] < ppl[str(a)] for a, b in zip(ladder(setting), ladder(setting)[1:])) for ppl in runs
         )
         below = sum(family[name, seed] < family[DEFAULT, seed] for seed in seeds)
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{_percent([1 - ppl[str(A)] / ppl[str(S)] for ppl in runs])} | "
             f"{_percent([ppl[str(A)] / kd[A] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
             f"{_percent([ppl[str(S)] / kd[S] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
-            f"{min(members) * 100:+.1f} to {max(members) * 100:+.1f} % | {monotone} of {len(seeds)} | "
+            f"{min(members) * 100:+.1f} to {max(members) * 100:+.1f} % | {falling} of {len(seeds)} | "
             f"{_mean_std([family[name, seed] for seed in seeds])} | {below} |"
         )
     better = [
@@ -196,17 +195,17 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for name, (_, seeds) in variants.items():
         cells = []
-        for family in families:
+        for kind in families:
             checks = [
                 against_curve(
-                    matta_results[name, seed]["mix_n_match"][family],
+                    matta_results[name, seed]["mix_n_match"][kind],
                     params,
                     [alone[w, seed]["test_ppl"][str(w)] for w in ladder(setting)],
                 )
                 for seed in seeds
             ]
-            monotone = sum(ordered for _, ordered in checks)
-            cells.append(f"{_percent([worst for worst, _ in checks])}, monotone {monotone} of {len(seeds)}")
+            falling = sum(ordered for _, ordered in checks)
+            cells.append(f"{_percent([worst for worst, _ in checks])}, monotone {falling} of {len(seeds)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",

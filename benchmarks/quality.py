@@ -572,13 +572,18 @@ def _log_interpolate(x: float, xs: list[float], ys: list[float]) -> float:
     raise ValueError(f"{x} is outside [{xs[0]}, {xs[-1]}]")
 
 
-def against_curve(points: list[dict], params: list[int], kd: list[float]) -> tuple[float, bool]:
-    """A Mix'n'Match family (`points` with `params` and `ppl`) against the KD-alone curve through (params, kd): its
-    worst member's excess over the curve (ppl / curve - 1; <= 0 when every member is at or below it), and whether
-    the family is monotone (more parameters, lower perplexity)."""
+def monotone(points: list[dict]) -> bool:
+    """Whether a Mix'n'Match family (`points` with `params` and `ppl`) falls with size: more parameters, lower
+    perplexity."""
     points = sorted(points, key=lambda point: point["params"])
+    return all(b["ppl"] < a["ppl"] for a, b in zip(points, points[1:]))
+
+
+def against_curve(points: list[dict], params: list[int], kd: list[float]) -> tuple[float, bool]:
+    """A Mix'n'Match family against the KD-alone curve through (params, kd): its worst member's excess over the
+    curve (ppl / curve - 1; <= 0 when every member is at or below it), and whether it is `monotone`."""
     worst = max(point["ppl"] / _log_interpolate(point["params"], params, kd) - 1 for point in points)
-    return worst, all(b["ppl"] < a["ppl"] for a, b in zip(points, points[1:]))
+    return worst, monotone(points)
 
 
 class Report:
