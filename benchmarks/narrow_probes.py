@@ -19,6 +19,9 @@ defaults, seeds and run cache):
    saved), then KD students taught by it instead of the benchmark's weaker teacher (gamma 0.5 and 0.9). If they end
    where MatTA's student does, the TA gives its student what a teacher of the TA's quality can, and a MatTA student
    10 % below the KD student would have to beat distillation itself.
+4. At quality.py's tuned learning rates (probes 1-3 run at the arms' default 2e-3, before quality.py tuned it): its
+   tuned MatTA against KD alone tuned at every width, and the TA's term weighted 2 at MatTA's tuned learning rate
+   (3 seeds), the variant that brought the TA closest to KD alone at 2e-3.
 
 Writes a section of benchmarks/RESULTS.md; runs are cached under `--work`, like quality.py's.
 """
@@ -30,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from quality import SETTINGS, Runner, _mean_std, _model_config, against_curve, ladder, monotone, trials
+from quality import SETTINGS, Runner, _mean_std, _model_config, against_curve, ladder, monotone, trials, tune
 
 from hf_matta.pipeline.report import provenance, write_section
 from hf_matta.widths import count_parameters
@@ -56,6 +59,7 @@ LONGER_VARIANTS = {  # MatTA's schedules trained that long: is the default's TA-
     "paper: all on, distill ramp 10 %": VARIANTS["paper: all on, distill ramp 10 %"][0],
 }
 DEFAULT = "TA first 40 %, ramps 30 % (default)"
+TUNED = "quality.py's tuned MatTA"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     runner = Runner(setting, args.work, data, args.jobs, 1)
     S, A = setting["student_ffn"], setting["ta_ffn"]
-    kd = trials(setting, "kd", 1)[0]  # the narrow setting runs every arm at its defaults
+    # every arm at its defaults (learning rate 2e-3): the probes came before quality.py tuned the learning rate
+    kd = trials(setting, "kd", 1)[0]
     matta = trials(setting, "matta", 1, base=kd)[0]
 
     kd_runs = [runner.spec("kd", kd, 0), runner.spec("kd", kd, 0, widths=[A], save="kd_ta")]
@@ -90,6 +95,18 @@ def main(argv: list[str] | None = None) -> None:
     base, kd_student, kd_ta = first[:3]
     alone = dict(zip(alone_runs, first[3 : 3 + len(alone_runs)]))
     matta_results = dict(zip(matta_runs, first[3 + len(alone_runs) :]))
+    # quality.py's tuned arms (its tuning is cached), and the TA's term weighted 2 at MatTA's tuned learning rate
+    tuned = tune(setting, runner)
+    best = tuned.best["matta"]
+    tuned_variants = {TUNED: (best, SEEDS), f"{TUNED}, TA's term weighted 2": ({**best, "ta_weight": 2.0}, SEEDS)}
+    tuned_specs = {
+        (name, seed): runner.spec("matta", hp, seed, mix_n_match=True)
+        for name, (hp, seeds) in tuned_variants.items()
+        for seed in seeds
+    }
+    for w in ladder(setting):
+        tuned_specs.update({(w, seed): runner.spec("kd", tuned.best_kd_at[w], seed, widths=[w]) for seed in SEEDS})
+    tuned_results = dict(zip(tuned_specs, runner.run_all(list(tuned_specs.values()))))
     taught = runner.run_all(
         [runner.spec("kd", {**kd, "teacher_weight": gamma}, 0, teacher="kd_ta") for gamma in GAMMAS]
     )
@@ -108,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     runner.pool.shutdown()
     teacher = next(iter(base["test_ppl"].values()))
     variant_runs = [result for (name, _), result in matta_results.items() if name != DEFAULT]
+    variant_runs += [tuned_results[name, seed] for name in list(tuned_variants)[1:] for seed in SEEDS]
     probes = [kd_student, kd_ta, *taught, *longer.values(), *variant_runs]
     minutes = sum(result["seconds"] for result in probes) / 60
     middle = ladder(setting)[1:-1]  # the Mix'n'Match widths between student and TA
@@ -116,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         "## Narrow-setting probes: `narrow_probes.py`",
         "",
         *provenance("benchmarks/narrow_probes.py", time.perf_counter() - started, f"{args.jobs} jobs x 1 thread"),
-        "- The narrow setting of `quality.py` (its data, defaults and cached runs); test perplexity on the "
-        f"same 1024 test blocks. Training runs: {minutes:.1f} process-minutes in all (cached runs are not run again).",
+        "- The narrow setting of `quality.py` (its data, teacher and cached runs); test perplexity on the same 1024 "
+        f"test blocks. Every run here, KD alone included, is at the arms' default learning rate ({kd['learning_rate']}"
+        "; the probes came before quality.py tuned it): they compare schedules with one another, not with the tuned "
+        f"arms. Training runs: {minutes:.1f} process-minutes in all (cached runs are not run again).",
         "",
         "### MatTA's defaults (TA first 40 %) against the paper's schedule, a heavier TA term, a longer TA-first "
         "phase and mixed-plan training, seed 0",
@@ -139,31 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Each seed's runs against KD alone at the same seed (quality.py's runs); a percentage is the mean over seeds "
         "of the per-seed ratio, with its range. The uniform members are the widths between student and TA and the TA.",
-        "",
-        "| MatTA | seeds | student | TA | TA below its student | TA above KD alone at its width | student vs KD "
-        "student | uniform members above KD alone | uniform family monotone | family on the tune split | below the "
-        "default's (tune) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     family = {key: _family(result["tune_ppl"]) for key, result in matta_results.items()}
-    for name, (_, seeds) in variants.items():
-        runs = [matta_results[name, seed]["test_ppl"] for seed in seeds]
-        kd_alone = [{w: alone[w, seed]["test_ppl"][str(w)] for w in ladder(setting)} for seed in seeds]
-        falling = sum(
-            all(ppl[str(b)] < ppl[str(a)] for a, b in zip(ladder(setting), ladder(setting)[1:])) for ppl in runs
-        )
-        below = sum(family[name, seed] < family[DEFAULT, seed] for seed in seeds)
-        below = "-" if name == DEFAULT else f"{below} of {len(seeds)}"
-        members = [_ratio([ppl[str(w)] for ppl in runs], [kd[w] for kd in kd_alone]) for w in [*middle, A]]
-        lines.append(
-            f"| {name} | {len(seeds)} | {_mean_std([ppl[str(S)] for ppl in runs])} | "
-            f"{_mean_std([ppl[str(A)] for ppl in runs])} | "
-            f"{_percent([1 - ppl[str(A)] / ppl[str(S)] for ppl in runs])} | "
-            f"{_percent([ppl[str(A)] / kd[A] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
-            f"{_percent([ppl[str(S)] / kd[S] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
-            f"{min(members) * 100:+.1f} to {max(members) * 100:+.1f} % | {falling} of {len(seeds)} | "
-            f"{_mean_std([family[name, seed] for seed in seeds])} | {below} |"
-        )
+    lines += _over_seeds(variants, matta_results, alone, ladder(setting), DEFAULT)
     better = [
         name for name, (_, seeds) in variants.items()
         if name != DEFAULT and all(family[name, seed] < family[DEFAULT, seed] for seed in seeds)
@@ -178,7 +176,14 @@ def main(argv: list[str] | None = None) -> None:
             if better
             else "No variant's family is lower than the defaults' in every seed it ran: the defaults stay."
         ),
+        "",
+        f"### At quality.py's tuned learning rates (MatTA {best['learning_rate']}, KD alone tuned at each width)",
+        "",
+        "quality.py's tuned MatTA and KD alone at every width (each at the learning rate its own tune perplexity "
+        "chose), and the variant that brought the TA closest to KD alone above, the TA's term weighted 2, at MatTA's "
+        "tuned learning rate. Columns as above.",
     ]
+    lines += _over_seeds(tuned_variants, tuned_results, tuned_results, ladder(setting), TUNED)
     params = [count_parameters(_model_config(setting, [w]), w) for w in ladder(setting)]
     families = list(default["mix_n_match"])
     lines += [
@@ -250,6 +255,37 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     write_section(args.out, "narrow_probes", text)
     print(text)
+
+
+def _over_seeds(variants: dict, matta: dict, alone: dict, widths: list[int], reference: str) -> list[str]:
+    """The "over seeds" table's rows: each variant's seeds (`matta[name, seed]`) against KD alone at every width and
+    the same seed (`alone[width, seed]`), and its tune-split family against `reference`'s."""
+    S, A = widths[0], widths[-1]
+    rows = [
+        "",
+        "| MatTA | seeds | student | TA | TA below its student | TA above KD alone at its width | student vs KD "
+        "student | uniform members above KD alone | uniform family monotone | family on the tune split | below the "
+        "default's (tune) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (_, seeds) in variants.items():
+        runs = [matta[name, seed]["test_ppl"] for seed in seeds]
+        kd_alone = [{w: alone[w, seed]["test_ppl"][str(w)] for w in widths} for seed in seeds]
+        falling = sum(all(ppl[str(b)] < ppl[str(a)] for a, b in zip(widths, widths[1:])) for ppl in runs)
+        family = {seed: _family(matta[name, seed]["tune_ppl"]) for seed in seeds}
+        below = sum(family[seed] < _family(matta[reference, seed]["tune_ppl"]) for seed in seeds)
+        below = "-" if name == reference else f"{below} of {len(seeds)}"
+        members = [_ratio([ppl[str(w)] for ppl in runs], [kd[w] for kd in kd_alone]) for w in widths[1:]]
+        rows.append(
+            f"| {name} | {len(seeds)} | {_mean_std([ppl[str(S)] for ppl in runs])} | "
+            f"{_mean_std([ppl[str(A)] for ppl in runs])} | "
+            f"{_percent([1 - ppl[str(A)] / ppl[str(S)] for ppl in runs])} | "
+            f"{_percent([ppl[str(A)] / kd[A] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
+            f"{_percent([ppl[str(S)] / kd[S] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
+            f"{min(members) * 100:+.1f} to {max(members) * 100:+.1f} % | {falling} of {len(seeds)} | "
+            f"{_mean_std(list(family.values()))} | {below} |"
+        )
+    return rows
 
 
 def _family(ppl: dict[str, float]) -> float:

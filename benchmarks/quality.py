@@ -20,8 +20,9 @@ Three settings (`SETTINGS`):
   has seen: CE-continued, KD-continued, MatTA, and KD-alone models of every size grown the same way.
 - `narrow`, capacity bound from scratch on `python-docs`: a 2 x 128 student whose FFN (32) is too narrow for the
   2 M tokens it sees, in a TA of FFN 1024; a model of the TA's size alone beats one of the student's by 20 % here
-  (CE, seed 0), where the other settings' widths pay 2-5 %. One trial per arm (every arm at its defaults; MatTA
-  trains the ladder's three widths between student and TA too, one sampled per step, `extra_widths="sample"`).
+  (CE, seed 0), where the other settings' widths pay 2-5 %. Five trials per arm over the learning rate, every
+  other knob at the arm's defaults (MatTA trains the ladder's three widths between student and TA too, one sampled
+  per step, `extra_widths="sample"`), and KD alone tuned the same way at every size of the ladder.
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
@@ -32,7 +33,9 @@ setting gets the same tokens and schedule: linear warm-up over 10 % of the steps
 3. Tuning, the same number of trials per arm (`--trials`; the first is the arm's defaults, the others distinct
    random draws from its grid): CE: learning rate. KD: learning rate, gamma, tau_T. MatTA: from KD's best learning
    rate, gamma and tau_T, its own knobs: the TA-first phase, the student's ramp, w_A, w_D, tau_D, detach, and
-   whether the widths between student and TA train. Chosen by the student's tune-split perplexity at seed 0.
+   whether the widths between student and TA train. Chosen by the student's tune-split perplexity at seed 0. With
+   `tune_each_size` (`smallest`, `narrow`), KD alone at every wider size of the ladder gets KD's trials too, chosen
+   by its own tune-split perplexity; in `capacity` (not re-run since) it takes the student's choice.
 4. Seeds (`--seeds`): CE and KD students, MatTA, KD-alone models at every size of the Mix'n'Match ladder (student,
    three in between, TA), KD at MatTA's FLOPs, and the {KD, MatTA} x {AdamW, Shampoo} 2 x 2 (Shampoo's learning
    rate: the better of the AdamW arm's x 1 or x 2 on seed 0). `smallest` adds the sharing ablation (a separate TA
@@ -58,6 +61,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -73,6 +77,7 @@ SETTINGS = {
         corpus="pydoc_data.topics", held_out=20, vocab=1024, block=64, batch=8, steps=250, n_layer=4, n_embd=64,
         n_head=4, student_ffn=128, ta_ffn=512, teacher="n_layer=4,n_embd=128,n_head=4", teacher_steps=500,
         trials=4, seeds=3, shampoo_block=128, grow=False, sharing_ablation=True, shampoo=True,
+        tune_each_size=True,  # KD alone at every ladder size tuned at that size (see `narrow`)
     ),
     # d = 128: at d = 64 the FFN's width hardly matters on this corpus (one epoch, CE: FFN 128 -> 512 lowers test ppl
     # by 2 %, 31.4 -> 30.8), at d = 128 it does (21.4 -> 20.2, 5.4 %): a TA can only lead where width pays.
@@ -95,9 +100,24 @@ SETTINGS = {
     "narrow": dict(
         corpus="python-docs", held_out=6, vocab=1024, block=128, batch=16, steps=1000, n_layer=2, n_embd=128,
         n_head=4, student_ffn=32, ta_ffn=1024, teacher="n_layer=4,n_embd=128,n_head=4", teacher_steps=1000,
-        trials=1, seeds=3, shampoo_block=128, grow=False, sharing_ablation=False, shampoo=False,
+        trials=5, seeds=3, shampoo_block=128, grow=False, sharing_ablation=False, shampoo=False,
         # two layers, but a ladder of five widths: three Mix'n'Match sizes between student and TA
         ladder_steps=4,
+        # the best learning rate grows with the width (seed 0, tune split: KD 2e-3 at FFN 32, 4e-3 at 280 and 528,
+        # 8e-3 at 776 and 1024; MatTA 4e-3), so the TA and every size between are judged against KD alone tuned at
+        # their own width
+        tune_each_size=True,
+        # five trials per arm over the learning rate, every other knob at the arm's defaults (a MatTA trial is 10-19
+        # min on one core; the schedules were compared over 3 seeds by narrow_probes.py instead)
+        grids=dict(
+            ce=dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]),
+            kd=dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], teacher_weight=[0.5], teacher_temperature=[1.0]),
+            matta=dict(
+                learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], ta_first_steps=[0.4], student_warmup_steps=[0.3],
+                distill_warmup_steps=[0.3], ta_weight=[1.0], distill_weight=[1.0], distill_temperature=[1.0],
+                detach_ta_targets=[True], extra_widths=["sample"],
+            ),
+        ),
         # Mix'n'Match needs the widths between student and TA trained: untrained, the middle one measured as the
         # student (seed 0: 39.89 at 528 vs 39.81 at 32); trained ("all", ladder [32, 528, 1024]) the uniform family
         # was monotone (40.33 -> 36.74 -> 36.73). One of the three sampled per step keeps the step's FLOPs those of
@@ -451,6 +471,53 @@ def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
     return ta_only * ta + (steps - ta_only) * (ta + students)
 
 
+@dataclass
+class Tuned:
+    """Stages 1-3: the base runs' results, every arm's trials with their seed-0 results, and what was chosen."""
+
+    base: list[dict]  # the teacher's run (and the pre-trained student's, for `grow`)
+    trials: dict[str, tuple[list[dict], list[dict]]]  # "ce", "kd", "matta": (settings, results); KD at the student
+    kd_sizes: dict[int, list[dict]]  # with `tune_each_size`: KD's trials at every wider ladder size, their results
+    best: dict[str, dict]  # "ce", "kd", "matta": the chosen setting (by the student's tune-split perplexity)
+    best_kd_at: dict[int, dict]  # KD's setting at every size of the ladder
+
+
+def tune(setting: dict, runner: Runner) -> Tuned:
+    """Stages 1-3: the teacher (and pre-trained student), then the same number of trials for CE, KD (at every ladder
+    size with `tune_each_size`) and MatTA (from KD's best learning rate, gamma and tau_T), all at seed 0."""
+    S, sizes = setting["student_ffn"], ladder(setting)
+    print("stage 1: teacher (and the pre-trained student), CE trials", flush=True)
+    lr = {"learning_rate": 2e-3}  # from scratch (the continued arms of `capacity` tune smaller steps)
+    base_runs = [runner.teacher_spec()]
+    if setting["grow"]:
+        base_runs.append(
+            runner.spec("ce", lr, split="pretrain", init=None, steps=setting["pretrain_steps"], save="student")
+        )
+    base_results = runner.run_all(base_runs)
+    ce_trials = trials(setting, "ce", setting["trials"])
+    ce_results = runner.run_all([runner.spec("ce", hp) for hp in ce_trials])
+    print("stage 2: KD trials", flush=True)
+    kd_trials = trials(setting, "kd", setting["trials"])
+    kd_results = runner.run_all([runner.spec("kd", hp) for hp in kd_trials])
+    best_ce, best_kd = _best(ce_trials, ce_results, S), _best(kd_trials, kd_results, S)
+    wider = sizes[1:] if setting.get("tune_each_size") else []
+    if wider:
+        print("stage 2b: KD trials at every wider size of the ladder", flush=True)
+    size_results = runner.run_all([runner.spec("kd", hp, widths=[w]) for w in wider for hp in kd_trials])
+    size_trials = {w: size_results[i * len(kd_trials) : (i + 1) * len(kd_trials)] for i, w in enumerate(wider)}
+    best_kd_at = {w: best_kd for w in sizes} | {w: _best(kd_trials, got, w) for w, got in size_trials.items()}
+    print("stage 3: MatTA trials (from KD's best learning rate, gamma, tau_T)", flush=True)
+    matta_trials = trials(setting, "matta", setting["trials"], base=best_kd)
+    # with Mix'n'Match, so that the chosen trial is also stage 5's seed-0 run (one run, not two)
+    matta_results = runner.run_all([runner.spec("matta", hp, mix_n_match=True) for hp in matta_trials])
+    best_matta = _best(matta_trials, matta_results, S)
+    return Tuned(
+        base=base_results,
+        trials={"ce": (ce_trials, ce_results), "kd": (kd_trials, kd_results), "matta": (matta_trials, matta_results)},
+        kd_sizes=size_trials, best={"ce": best_ce, "kd": best_kd, "matta": best_matta}, best_kd_at=best_kd_at,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="smallest")
@@ -483,25 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     S, A = setting["student_ffn"], setting["ta_ffn"]
     sizes = ladder(setting)
 
-    print("stage 1: teacher (and the pre-trained student), CE trials", flush=True)
-    lr = {"learning_rate": 2e-3}  # from scratch (the continued arms of `capacity` tune smaller steps)
-    base_runs = [runner.teacher_spec()]
-    if setting["grow"]:
-        base_runs.append(
-            runner.spec("ce", lr, split="pretrain", init=None, steps=setting["pretrain_steps"], save="student")
-        )
-    base_results = runner.run_all(base_runs)
-    ce_trials = trials(setting, "ce", setting["trials"])
-    ce_results = runner.run_all([runner.spec("ce", hp) for hp in ce_trials])
-    print("stage 2: KD trials", flush=True)
-    kd_trials = trials(setting, "kd", setting["trials"])
-    kd_results = runner.run_all([runner.spec("kd", hp) for hp in kd_trials])
-    best_ce, best_kd = _best(ce_trials, ce_results, S), _best(kd_trials, kd_results, S)
-    print("stage 3: MatTA trials (from KD's best learning rate, gamma, tau_T)", flush=True)
-    matta_trials = trials(setting, "matta", setting["trials"], base=best_kd)
-    # with Mix'n'Match, so that the chosen trial is also stage 5's seed-0 run (one run, not two)
-    matta_results = runner.run_all([runner.spec("matta", hp, mix_n_match=True) for hp in matta_trials])
-    best_matta = _best(matta_trials, matta_results, S)
+    tuned = tune(setting, runner)
+    base_results, best_kd, best_matta = tuned.base, tuned.best["kd"], tuned.best["matta"]
 
     print("stage 4: Shampoo's learning rate (the AdamW arm's x 1 and x 2, seed 0)", flush=True)
     shampoo_hp, shampoo_trials = {}, []
@@ -517,9 +567,9 @@ def main(argv: list[str] | None = None) -> None:
         / step_flops(setting, "kd", best_kd, setting["steps"])
     )  # fmt: skip
     groups = {
-        "ce": [runner.spec("ce", best_ce, seed) for seed in seeds],
+        "ce": [runner.spec("ce", tuned.best["ce"], seed) for seed in seeds],
         "matta": [runner.spec("matta", best_matta, seed, mix_n_match=True) for seed in seeds],
-        **{f"kd_{w}": [runner.spec("kd", best_kd, seed, widths=[w]) for seed in seeds] for w in sizes},
+        **{f"kd_{w}": [runner.spec("kd", tuned.best_kd_at[w], seed, widths=[w]) for seed in seeds] for w in sizes},
         "kd_flops": [runner.spec("kd", best_kd, seed, steps=flop_steps) for seed in seeds],
     }
     if setting["shampoo"]:
@@ -533,15 +583,18 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: [by_key[run["key"]] for run in runs] for name, runs in groups.items()}
     runner.pool.shutdown()
     elapsed = time.perf_counter() - started
-    every_result = [*base_results, *ce_results, *kd_results, *matta_results, *shampoo_trials, *results_flat]
+    trial_results = [result for _, results in tuned.trials.values() for result in results]
+    size_results = [result for results in tuned.kd_sizes.values() for result in results]
+    every_result = [*base_results, *trial_results, *size_results, *shampoo_trials, *results_flat]
     run_minutes = sum(result["seconds"] for result in every_result) / 60
 
     report = Report(setting, args, blocks, documents, base_results, elapsed, run_minutes)
-    report.tuning("CE alone", ce_trials, ce_results, S, best_ce)
-    report.tuning("KD", kd_trials, kd_results, S, best_kd)
-    report.tuning("MatTA", matta_trials, matta_results, S, best_matta)
+    for arm, name in (("ce", "CE alone"), ("kd", "KD"), ("matta", "MatTA")):
+        report.tuning(name, *tuned.trials[arm], S, tuned.best[arm])
+        if arm == "kd" and tuned.kd_sizes:
+            report.tuning_by_size(tuned.trials["kd"][0], tuned.kd_sizes, tuned.best_kd_at)
     report.main_table(results, S, A, flop_steps)
-    report.diagnostics(results["matta"], matta_trials, matta_results)
+    report.diagnostics(results["matta"], *tuned.trials["matta"])
     report.mix_n_match(results, sizes, plot)
     if setting["shampoo"]:
         report.two_by_two(results, S, shampoo_hp)
@@ -636,6 +689,23 @@ class Report:
             self.lines.append(f"| {row} | {result['tune_ppl'][str(width)]:.2f} | {mark} |")
         self.lines.append("")
 
+    def tuning_by_size(self, settings, results_by_size, best_by_size):
+        """KD alone's trials at every wider size of the ladder: one column of tune-split perplexities per size."""
+        keys, sizes = list(settings[0]), list(results_by_size)
+        self.lines += [
+            f"### Tuning: KD alone at each wider size ({len(settings)} trials each, seed 0, tune ppl at that size)",
+            "",
+            "| " + " | ".join([*keys, *(f"FFN {w}" for w in sizes)]) + " |",
+            "|" + "---|" * (len(keys) + len(sizes)),
+        ]
+        for index, hp in enumerate(settings):
+            cells = [
+                f"{results_by_size[w][index]['tune_ppl'][str(w)]:.2f}" + (" chosen" if hp == best_by_size[w] else "")
+                for w in sizes
+            ]
+            self.lines.append("| " + " | ".join([*(str(hp[k]) for k in keys), *cells]) + " |")
+        self.lines.append("")
+
     def main_table(self, results, S, A, flop_steps):
         from hf_matta.widths import count_parameters
 
@@ -686,9 +756,10 @@ class Report:
             "|" + "---|" * (len(layers) + 2),
         ]
         rows = [(f"tuned MatTA, seed {index}", result) for index, result in enumerate(matta)]
+        varied = [key for key in settings[0] if len({str(hp[key]) for hp in settings}) > 1]
+        varied = varied or list(DEFAULTS["matta"])  # the knobs the trials differ in
         rows += [
-            ("trial: " + ", ".join(f"{k}={hp[k]}" for k in DEFAULTS["matta"]), result)
-            for hp, result in zip(settings, trial_results)
+            ("trial: " + ", ".join(f"{k}={hp[k]}" for k in varied), result) for hp, result in zip(settings, trial_results)
         ]
         for label, result in rows:
             found = result["diagnostics"]
