@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _over_seeds(variants: dict, matta: dict, alone: dict, widths: list[int], reference: str) -> list[str]:
-    """The "over seeds" table's rows: each variant's seeds (`matta[name, seed]`) against KD alone at every width and
-    the same seed (`alone[width, seed]`), and its tune-split family against `reference`'s."""
+    """The "over seeds" table, header and rows: each variant's seeds (`matta[name, seed]`) against KD alone at every
+    width and the same seed (`alone[width, seed]`), and its tune-split family against `reference`'s."""
     S, A = widths[0], widths[-1]
     rows = [
         "",
