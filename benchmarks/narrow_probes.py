@@ -160,11 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         "Each seed's runs against KD alone at the same seed (quality.py's runs); a percentage is the mean over seeds "
         "of the per-seed ratio, with its range. The uniform members are the widths between student and TA and the TA.",
     ]
-    family = {key: _family(result["tune_ppl"]) for key, result in matta_results.items()}
     lines += _over_seeds(variants, matta_results, alone, ladder(setting), DEFAULT)
     better = [
         name for name, (_, seeds) in variants.items()
-        if name != DEFAULT and all(family[name, seed] < family[DEFAULT, seed] for seed in seeds)
+        if name != DEFAULT and _below(matta_results, name, DEFAULT, seeds) == len(seeds)
     ]  # fmt: skip
     lines += [
         "",
@@ -272,9 +271,8 @@ def _over_seeds(variants: dict, matta: dict, alone: dict, widths: list[int], ref
         runs = [matta[name, seed]["test_ppl"] for seed in seeds]
         kd_alone = [{w: alone[w, seed]["test_ppl"][str(w)] for w in widths} for seed in seeds]
         falling = sum(all(ppl[str(b)] < ppl[str(a)] for a, b in zip(widths, widths[1:])) for ppl in runs)
-        family = {seed: _family(matta[name, seed]["tune_ppl"]) for seed in seeds}
-        below = sum(family[seed] < _family(matta[reference, seed]["tune_ppl"]) for seed in seeds)
-        below = "-" if name == reference else f"{below} of {len(seeds)}"
+        family = [_family(matta[name, seed]["tune_ppl"]) for seed in seeds]
+        below = "-" if name == reference else f"{_below(matta, name, reference, seeds)} of {len(seeds)}"
         members = [_ratio([ppl[str(w)] for ppl in runs], [kd[w] for kd in kd_alone]) for w in widths[1:]]
         rows.append(
             f"| {name} | {len(seeds)} | {_mean_std([ppl[str(S)] for ppl in runs])} | "
@@ -283,9 +281,14 @@ def _over_seeds(variants: dict, matta: dict, alone: dict, widths: list[int], ref
             f"{_percent([ppl[str(A)] / kd[A] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
             f"{_percent([ppl[str(S)] / kd[S] - 1 for ppl, kd in zip(runs, kd_alone)])} | "
             f"{min(members) * 100:+.1f} to {max(members) * 100:+.1f} % | {falling} of {len(seeds)} | "
-            f"{_mean_std(list(family.values()))} | {below} |"
+            f"{_mean_std(family)} | {below} |"
         )
     return rows
+
+
+def _below(matta: dict, name: str, reference: str, seeds) -> int:
+    """In how many of `seeds` the family of `name` is lower on the tune split than the family of `reference`."""
+    return sum(_family(matta[name, s]["tune_ppl"]) < _family(matta[reference, s]["tune_ppl"]) for s in seeds)
 
 
 def _family(ppl: dict[str, float]) -> float:
