@@ -137,6 +137,9 @@ DEFAULTS = {
         distill_temperature=1.0, detach_ta_targets=True, extra_widths="none",
     ),
 }
+# MatTA knobs added after runs were cached, at the value those runs had: a setting leaves them out of its defaults,
+# so that their runs keep their cache keys; a grid or a probe that sets one passes it to the trainer.
+LATER_KNOBS = {"ta_neuron_lr_scale": 1.0}
 GRIDS = {
     "ce": dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3]),
     "kd": dict(
@@ -174,7 +177,8 @@ def _training_args(run: dict, out_dir: Path):
     from hf_matta.training_args import MatTATrainingArguments
 
     hp = dict(run["hp"])
-    matta = {key: hp[key] for key in [*DEFAULTS["matta"], "teacher_weight", "teacher_temperature"] if key in hp}
+    knobs = [*DEFAULTS["matta"], *LATER_KNOBS, "teacher_weight", "teacher_temperature"]
+    matta = {key: hp[key] for key in knobs if key in hp}
     return MatTATrainingArguments(
         output_dir=str(out_dir), use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=run["seed"], data_seed=run["seed"],
@@ -348,10 +352,12 @@ class Runner:
         self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
 
     def spec(self, kind: str, hp: dict, seed: int = 0, optimizer: str = "adamw", **extra) -> dict:
-        """A run description; `key` hashes everything that changes its result. Defaults: the setting's student
-        (nested in the ladder for MatTA), its training split and steps; grown from the pre-trained student with
-        `grow`."""
+        """A run description; `key` hashes everything that changes its result (a `LATER_KNOBS` knob at the value
+        every run had before it existed is left out of `hp`, so those runs keep their keys). Defaults: the setting's
+        student (nested in the ladder for MatTA), its training split and steps; grown from the pre-trained student
+        with `grow`."""
         S = self.setting["student_ffn"]
+        hp = {key: value for key, value in hp.items() if key not in LATER_KNOBS or value != LATER_KNOBS[key]}
         widths = extra.pop("widths", ladder(self.setting) if kind in ("matta", "separate_ta") else [S])
         grow = self.setting["grow"]
         run = dict(

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from hf_matta import MatGPT2Config, MatGPT2LMHeadModel
+from hf_matta.cards import _training_section
 from hf_matta.cli import main
 from hf_matta.data import DataArguments
 from hf_matta.extract import extract_student
@@ -180,6 +181,19 @@ def test_lineage_of_a_local_teacher_and_corpus(tmp_path):
     assert lineage["base_model"] is None and lineage["teacher"] == "local"
     assert lineage["teacher_pretraining"] == {"shape": "n_layer=4", "steps": 120}
     assert lineage["data"]["datasets"] == "local" and "pydoc_data.topics" in lineage["data"]["description"]
+
+
+def test_lineage_and_card_record_the_ta_neurons_step(tmp_path):
+    model_args = types.SimpleNamespace(model_name_or_path=None, tokenizer_name_or_path=None)
+    config = MatGPT2Config(**tiny_kwargs(), mat_widths=GRANULARITIES)
+    for scale, said in ((1.0, False), (2.0, True)):
+        training_args = MatTATrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", ta_neuron_lr_scale=scale
+        )
+        lineage = build_lineage(model_args, DataArguments(builtin_corpus="pydoc_data.topics"), training_args, config, 5)
+        assert lineage["training"]["ta_neuron_lr_scale"] == scale
+        card_row = _training_section(lineage)
+        assert ("x 2.0 for the FFN neurons beyond the student's width" in card_row) == said, card_row
 
 
 # --- publishing: what must be shown ------------------------------------------------------------------------------

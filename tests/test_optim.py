@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hf_matta import MatGPT2Config, MatGPT2LMHeadModel
-from hf_matta.optim import build_optimizer, parameter_groups, preconditioned_blocks
+from hf_matta.models.matgpt2 import nested_ffn_parameters
+from hf_matta.optim import build_optimizer, parameter_groups, preconditioned_blocks, scale_ta_neuron_steps
 from hf_matta.training_args import MatTATrainingArguments
 
 from .conftest import tiny_kwargs
@@ -67,6 +68,37 @@ def test_backend_groups_and_steps_lower_the_loss(name, input_ids):
     assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
     losses = train(model, optimizer, input_ids, steps=6)
     assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_ta_neuron_steps_are_scaled_and_nothing_else(name, input_ids):
+    """Every backend, 12 steps (Shampoo preconditions from step 10): at each step, the update of the TA-only FFN
+    slices is 2.5 times the one the same optimizer takes unscaled from the same weights and gradients, and every
+    other parameter's update is the unscaled one."""
+    scaled, plain = make_model(), make_model()
+    plain.load_state_dict(scaled.state_dict())
+    args = make_args(optimizer=name, learning_rate=1e-2)
+    optimizers = {"scaled": build_optimizer(scaled, args), "plain": build_optimizer(plain, args)}
+    scale_ta_neuron_steps(optimizers["scaled"], scaled, 2.5)
+    nested = {**nested_ffn_parameters(0), **nested_ffn_parameters(1)}
+    for _ in range(12):
+        before = {key: p.detach().clone() for key, p in scaled.named_parameters()}
+        for model, optimizer in ((scaled, optimizers["scaled"]), (plain, optimizers["plain"])):
+            model(input_ids, labels=input_ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for key, p in scaled.named_parameters():
+            expected = plain.get_parameter(key).detach() - before[key]
+            if key in nested:
+                expected.narrow(nested[key], 32, 96).mul_(2.5)
+            torch.testing.assert_close(p.detach() - before[key], expected, atol=1e-6, rtol=1e-4)
+        plain.load_state_dict(scaled.state_dict())  # the next step again from the same weights
+
+
+def test_scaling_ta_neuron_steps_needs_a_ta():
+    model = make_model(mat_widths=[128])
+    with pytest.raises(ValueError, match="ta_neuron_lr_scale=2.0 needs a nested model whose FFN is wider than its"):
+        scale_ta_neuron_steps(torch.optim.AdamW(model.parameters()), model, 2.0)
 
 
 @pytest.mark.parametrize("grafting", ["adam", "sgd", "none"])

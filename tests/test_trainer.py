@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, PreTrain
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from hf_matta import MatGPT2Config, MatGPT2LMHeadModel
+from hf_matta.models.matgpt2 import nested_ffn_parameters
 from hf_matta.trainer import PREEMPTED_EXIT_STATUS, MatTATrainer
 from hf_matta.training_args import MatTATrainingArguments
 
@@ -49,6 +50,8 @@ BAD_ARGS = [  # (field values, text the error must hold)
     (dict(precondition_frequency=0), "precondition_frequency=0"),
     (dict(start_preconditioning_step=-1), "start_preconditioning_step=-1"),
     (dict(shampoo_epsilon=0.0), "shampoo_epsilon=0.0"),
+    (dict(ta_neuron_lr_scale=0.0), "ta_neuron_lr_scale=0.0"),
+    (dict(ta_neuron_lr_scale=float("nan")), "ta_neuron_lr_scale=nan"),
 ]
 
 
@@ -288,6 +291,33 @@ BACKWARD_CASES = [  # (MatTA settings, gradient_accumulation_steps, dropout)
     (dict(loss_chunk_size=0, teacher_weight=1.0, ta_weight=2.0), 2, 0.0),
     (dict(teacher_weight=0.5), 2, 0.1),  # dropout: both steps run the TA first, so they draw the same masks
 ]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", None])  # hf_matta's AdamW, and Trainer's own `optim` (AdamW too)
+def test_ta_neuron_lr_scale_multiplies_the_ta_only_neurons_step(tmp_path, teacher, optimizer):
+    """A step at ta_neuron_lr_scale=3 against the same step at 1: every parameter outside the TA-only FFN slices
+    lands where it did, and the slices move three times as far (AdamW's update is element-wise: a 3x learning rate
+    there)."""
+    initial = dict(_student().named_parameters())
+    moved = {}
+    for scale in (1.0, 3.0):
+        trainer = _trainer(
+            tmp_path / str(scale), teacher=teacher, optimizer=optimizer, max_steps=1, weight_decay=0.1,
+            extra_widths="all", ta_neuron_lr_scale=scale,
+        )
+        trainer.train()
+        moved[scale] = {name: p.detach() - initial[name].detach() for name, p in trainer.model.named_parameters()}
+    nested = {**nested_ffn_parameters(0), **nested_ffn_parameters(1)}
+    student_width, scaled = 16, 0
+    for name, step in moved[1.0].items():
+        expected = step.clone()
+        dim = nested.get(name)
+        if dim is not None:
+            expected.narrow(dim, student_width, step.shape[dim] - student_width).mul_(3.0)
+            scaled += 1
+        torch.testing.assert_close(moved[3.0][name], expected, atol=1e-6, rtol=1e-4)
+    assert scaled == 6  # three nested tensors in each of the two layers
+    assert moved[1.0]["transformer.h.0.mlp.c_fc.weight"][:, student_width:].abs().min() > 0  # the TA-only part moved
 
 
 @pytest.mark.parametrize("settings,accumulation,dropout", BACKWARD_CASES)
@@ -549,6 +579,8 @@ BAD_INPUTS = [  # (builder of MatTATrainer kwargs, exception, text the error mus
                                teacher_model=GPT2LMHeadModel(GPT2Config(**tiny_kwargs())),
                                teacher_processing_class=_tokenizer([1, 0, *range(2, 99)])),
      ValueError, "teacher's tokenizer differs from the student's"),
+    (lambda tmp_path: dict(model=_student(widths=(64,)), args=_args(tmp_path, ta_neuron_lr_scale=2.0)),
+     ValueError, r"ta_neuron_lr_scale=2.0 scales the steps .* this model has none \(student_width=64"),
 ]
 
 
@@ -564,7 +596,11 @@ def test_bad_inputs_fail_at_construction(tmp_path, build, exception, message):
         MatTATrainer(train_dataset=_sequences(4), data_collator=_collate, **build(tmp_path))
 
 
-def test_shampoo_with_deepspeed_fails_at_construction(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides,message", [
+    (dict(optimizer="shampoo"), "optimizer='shampoo' cannot run under DeepSpeed ZeRO"),
+    (dict(optimizer="adamw", ta_neuron_lr_scale=2.0), "ta_neuron_lr_scale=2.0 cannot run under DeepSpeed or FSDP"),
+])  # fmt: skip
+def test_optimizer_settings_that_need_whole_parameters_fail_under_deepspeed(tmp_path, monkeypatch, overrides, message):
     # TrainingArguments(deepspeed=...) sets ACCELERATE_USE_DEEPSPEED: registering it here makes monkeypatch undo it
     env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533",
                ACCELERATE_USE_DEEPSPEED="false")
@@ -572,8 +608,8 @@ def test_shampoo_with_deepspeed_fails_at_construction(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     deepspeed = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
     try:
-        with pytest.raises(ValueError, match="optimizer='shampoo' cannot run under DeepSpeed ZeRO"):
-            args = _args(tmp_path, optimizer="shampoo", deepspeed=deepspeed)
+        with pytest.raises(ValueError, match=message):
+            args = _args(tmp_path, deepspeed=deepspeed, **overrides)
             MatTATrainer(model=_student(), args=args, train_dataset=_sequences(4), data_collator=_collate)
     finally:  # DeepSpeed's process group and accelerate's state are process-wide: later trainers must not see them
         unset_hf_deepspeed_config()

@@ -270,11 +270,14 @@ def _training_section(lineage: dict) -> str:
     if data.get("description"):
         data_text += f" ({data['description']})"
     version = package.get("version", "?") + (f", commit `{package['commit'][:12]}`" if package.get("commit") else "")
+    optimizer = f"`{training.get('optimizer')}`, learning rate {training.get('learning_rate')}"
+    if training.get("ta_neuron_lr_scale", 1) != 1:
+        optimizer += f" (x {training['ta_neuron_lr_scale']} for the FFN neurons beyond the student's width)"
     rows = [
         ("data", data_text),
         ("optimizer steps", f"{training.get('steps', '?'):,}" if "steps" in training else "?"),
         ("training tokens", f"{training['tokens']:,}" if "tokens" in training else "?"),
-        ("optimizer", f"`{training.get('optimizer')}`, learning rate {training.get('learning_rate')}"),
+        ("optimizer", optimizer),
         ("tokens per step", f"{training['tokens_per_step']:,}" if "tokens_per_step" in training else "?"),
         (
             "loss weights",

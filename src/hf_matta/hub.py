@@ -114,6 +114,7 @@ def build_lineage(
             "tokens_per_step": tokens_per_step,
             "optimizer": training_args.optimizer or f"{_enum_value(training_args.optim)} (Trainer)",
             "learning_rate": training_args.learning_rate,
+            "ta_neuron_lr_scale": training_args.ta_neuron_lr_scale,
             "lr_scheduler_type": _enum_value(training_args.lr_scheduler_type),
             "weight_decay": training_args.weight_decay,
             "block_size": data_args.block_size,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models.matgpt2 import NESTED_FFN_DIMS
+from .models.matgpt2 import NESTED_FFN_DIMS, nested_ffn_parameters
 from .training_args import GRAFTINGS, OPTIMIZERS
 
 
@@ -135,6 +135,51 @@ def _aligned_block_sizes(model: nn.Module, args: Any) -> dict[nn.Parameter, int]
         for module in NESTED_FFN_DIMS:
             block_sizes[getattr(block.mlp, module).weight] = block_size
     return block_sizes
+
+
+def scale_ta_neuron_steps(optimizer: torch.optim.Optimizer, model: nn.Module, scale: float) -> None:
+    """Multiply every step's update of `model`'s FFN neurons beyond the student's width by `scale`.
+
+    Those neurons (per layer, the `c_fc` columns and biases and the `c_proj` rows from `config.student_width` on) are
+    slices of tensors they share with the student's, so no parameter group can give them their own learning rate.
+    Instead, hooks on `optimizer.step` keep a copy of the slices before the step and move them to
+    `before + scale * (after - before)` after it: for an element-wise optimizer such as AdamW (decoupled weight decay
+    included) exactly the step of a learning rate `scale` times larger, for Shampoo the preconditioned update scaled.
+    The copy costs the slices' memory during the step. The hooks read the parameters themselves, so they cannot run
+    on the flattened shards of DeepSpeed ZeRO or FSDP (the trainer refuses that combination).
+
+    Raises:
+        ValueError: `model` has no student narrower than its FFN (no `config.student_width` below a layer's width).
+    """
+    config = getattr(model, "config", None)
+    student_width = getattr(config, "student_width", None)
+    slices = [
+        (param, dim)
+        for layer_idx in range(config.n_layer if student_width else 0)
+        for name, dim in nested_ffn_parameters(layer_idx).items()
+        if (param := model.get_parameter(name)).shape[dim] > student_width
+    ]
+    if not slices:
+        raise ValueError(
+            f"ta_neuron_lr_scale={scale} needs a nested model whose FFN is wider than its student, got "
+            f"{type(model).__name__} with student_width={student_width}; leave ta_neuron_lr_scale at 1."
+        )
+
+    def ta_only(param: nn.Parameter, dim: int) -> torch.Tensor:
+        return param.detach().narrow(dim, student_width, param.shape[dim] - student_width)
+
+    before: list[torch.Tensor] = []
+
+    def keep(optimizer, args, kwargs) -> None:
+        before[:] = [ta_only(param, dim).clone() for param, dim in slices]
+
+    def rescale(optimizer, args, kwargs) -> None:
+        for (param, dim), old in zip(slices, before):
+            ta_only(param, dim).sub_(old).mul_(scale).add_(old)
+        before.clear()
+
+    optimizer.register_step_pre_hook(keep)
+    optimizer.register_step_post_hook(rescale)
 
 
 def _import_optional(module: str, install: str) -> Any:
@@ -285,4 +330,4 @@ def preconditioned_blocks(optimizer: torch.optim.Optimizer) -> Iterator[torch.Te
                 yield matrix
 
 
-__all__ = ["build_optimizer", "parameter_groups", "preconditioned_blocks"]
+__all__ = ["build_optimizer", "parameter_groups", "preconditioned_blocks", "scale_ta_neuron_steps"]

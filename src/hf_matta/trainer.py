@@ -258,6 +258,18 @@ class MatTATrainer(Trainer):
                 "Shampoo needs each parameter's shape: use DDP (FSDP v1 also hands the optimizer flat 1-D shards, even "
                 "with use_orig_params, and FSDP2's DTensors break ScalableShampoo), or optimizer='adamw'."
             )
+        if args.ta_neuron_lr_scale != 1 and self._config.student_width == self._config.mat_widths[-1]:
+            raise ValueError(
+                f"ta_neuron_lr_scale={args.ta_neuron_lr_scale} scales the steps of the FFN neurons beyond the "
+                f"student's width, and this model has none (student_width={self._config.student_width} is its full "
+                "width): leave ta_neuron_lr_scale at 1, or train a nested model with a TA."
+            )
+        if args.ta_neuron_lr_scale != 1 and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(
+                f"ta_neuron_lr_scale={args.ta_neuron_lr_scale} cannot run under DeepSpeed or FSDP, whose optimizers "
+                "step flattened shards where the TA-only neurons' slices cannot be found: use DDP, or leave "
+                "ta_neuron_lr_scale at 1."
+            )
         if args.n_gpu > 1:
             raise ValueError(
                 f"n_gpu={args.n_gpu}: MatTATrainer does not run under torch.nn.DataParallel; launch one process per "
@@ -429,13 +441,19 @@ class MatTATrainer(Trainer):
     # ---- the step ----
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """`hf_matta.optim.build_optimizer` when `args.optimizer` is set, else Trainer's own `optim`."""
-        if self.args.optimizer is None:
-            return super().create_optimizer(model)
-        if self.optimizer is None:
-            from .optim import build_optimizer
+        """`hf_matta.optim.build_optimizer` when `args.optimizer` is set, else Trainer's own `optim`; with
+        `args.ta_neuron_lr_scale` != 1, the TA-only neurons' steps scaled (`hf_matta.optim.scale_ta_neuron_steps`)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        from .optim import build_optimizer, scale_ta_neuron_steps
 
-            self.optimizer = build_optimizer(self.model if model is None else model, self.args)
+        model = self.model if model is None else model
+        if self.args.optimizer is None:
+            super().create_optimizer(model)
+        else:
+            self.optimizer = build_optimizer(model, self.args)
+        if self.args.ta_neuron_lr_scale != 1:
+            scale_ta_neuron_steps(self.optimizer, model, self.args.ta_neuron_lr_scale)
         return self.optimizer
 
     def _teacher_logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -50,6 +50,12 @@ class MatTATrainingArguments(TrainingArguments):
             widths' target weight) ramps linearly from 0 after the TA-first phase; int steps or a fraction.
         detach_ta_targets (`bool`, defaults to `True`): stop the distillation gradient at the TA (its logits are a
             fixed target for the student); `False` lets it flow into the TA too.
+        ta_neuron_lr_scale (`float`, defaults to 1.0): the step of the FFN neurons beyond the student's width (those
+            only the TA and the wider students run), as a multiple of the step every other parameter takes: each
+            optimizer step's update of those slices is multiplied by it (`hf_matta.optim.scale_ta_neuron_steps`),
+            which for AdamW is exactly a learning rate `ta_neuron_lr_scale` times larger for them. A wide model
+            alone prefers a larger step than a narrow one (benchmarks/RESULTS.md, narrow setting). Not under
+            DeepSpeed or FSDP, whose optimizers see flattened shards.
         teacher_model_name_or_path (`str`, *optional*): the frozen teacher: a model path or Hub id, or a PEFT
             adapter directory whose base model is loaded and the adapter merged. Unused when the trainer is given
             `teacher_model`. Without a teacher, `teacher_weight` is 0.
@@ -123,6 +129,12 @@ class MatTATrainingArguments(TrainingArguments):
     )
     detach_ta_targets: bool = field(
         default=True, metadata={"help": "Stop the distillation gradient at the TA (False: it reaches the TA too)."}
+    )
+    ta_neuron_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Step of the FFN neurons beyond the student's width, as a multiple of the learning rate (> 0)."
+        },
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
@@ -239,7 +251,7 @@ class MatTATrainingArguments(TrainingArguments):
             raise ValueError(
                 "student_weight, ta_weight and distill_weight are all 0: nothing would be trained; set one above 0."
             )
-        for name in ("distill_temperature", "teacher_temperature", "shampoo_epsilon"):
+        for name in ("distill_temperature", "teacher_temperature", "shampoo_epsilon", "ta_neuron_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
         if not 0 <= self.teacher_weight <= 1:
