@@ -18,6 +18,10 @@ WIDTH_SCHEDULES = ("all", "sample_one")
 OPTIMIZERS = ("adamw", "shampoo", "soap", "distributed_shampoo")
 SHAMPOO_OPTIMIZERS = ("shampoo", "soap", "distributed_shampoo")  # need each parameter's true shape: no ZeRO
 GRAFTINGS = ("adam", "sgd", "none")
+# MatTA fields added after runs were recorded, each with the value that reproduces those runs: at it, the field is
+# left out of what identifies a run (the pipeline's stage records, the benchmarks' run caches), so that a record made
+# before the field existed still matches.
+ADDED_FIELDS = {"ta_neuron_lr_scale": 1.0}
 
 
 @dataclass
