@@ -190,7 +190,8 @@ def test_lineage_and_card_record_the_ta_neurons_step(tmp_path):
         training_args = MatTATrainingArguments(
             output_dir=str(tmp_path), use_cpu=True, report_to="none", ta_neuron_lr_scale=scale
         )
-        lineage = build_lineage(model_args, DataArguments(builtin_corpus="pydoc_data.topics"), training_args, config, 5)
+        data_args = DataArguments(builtin_corpus="pydoc_data.topics")
+        lineage = build_lineage(model_args, data_args, training_args, config, 5)
         assert lineage["training"]["ta_neuron_lr_scale"] == scale
         card_row = _training_section(lineage)
         assert ("x 2.0 for the FFN neurons beyond the student's width" in card_row) == said, card_row

@@ -26,7 +26,7 @@ from hf_matta.data import BUILTIN_CORPORA, train_bpe_tokenizer
 from hf_matta.pipeline import STAGES, config_from_string, parse_args, pretrain_teacher, run_pipeline
 from hf_matta.pipeline import run as run_module
 from hf_matta.pipeline import stages as stages_module
-from hf_matta.pipeline.run import read_record
+from hf_matta.pipeline.run import read_record, stage_arguments
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +186,13 @@ CHECKS = {
     "invalid-repo-name": (lambda tmp: {"publish_namespace": "not a namespace!"}, ["repo id", "is not valid"]),
     "push-without-namespace": (lambda tmp: {"push": True}, ["push needs publish_namespace"]),
     "push-while-offline": (lambda tmp: {"push": True, "publish_namespace": "someone"}, ["HF_HUB_OFFLINE"]),
+    "step-scale-without-ta": (
+        lambda tmp: {"mat_widths": [64], "student_width": 64, "ta_neuron_lr_scale": 2.0},
+        ["ta_neuron_lr_scale=2.0 scales the steps", "student_width=64 is its full width"],
+    ),
+    "step-scale-with-lomo": (
+        lambda tmp: {"ta_neuron_lr_scale": 2.0, "optim": "adalomo"}, ["ta_neuron_lr_scale=2.0", "optim='adalomo'"]
+    ),
 }
 
 
@@ -229,7 +236,10 @@ def tiny_run(tmp_path_factory):
 
     previous = datasets.config.HF_DATASETS_CACHE
     datasets.config.HF_DATASETS_CACHE = cache
-    config = write_config(tmp / "run.yaml", tiny_config(tmp, baseline=True, extract_plans=["32,64"], max_steps=8))
+    config = write_config(
+        tmp / "run.yaml",
+        tiny_config(tmp, baseline=True, extract_plans=["32,64"], max_steps=8, ta_neuron_lr_scale=2.0),
+    )  # the baseline (one width) trains at one step for every neuron
     lines = []
     try:
         outputs = run_pipeline(parse_args([str(config)], config_positional=True), log=lines.append)
@@ -324,10 +334,16 @@ def test_rerun_skips_every_stage_and_changed_training_is_refused(tiny_run, monke
     assert [line.split(":")[0] for line in lines if "skipped" in line] == [f"stage {stage}" for stage in STAGES]
     with pytest.raises(ValueError, match=r"other arguments \(training.max_steps: 8 -> 9\).*--stage train"):
         run_pipeline(parse_args([str(config), "--max_steps", "9"], config_positional=True), log=lines.append)
-    # a field added to hf_matta later is recorded only away from the value older runs had, so their records match
-    assert "ta_neuron_lr_scale" not in read_record(tiny_run["out"], "train")["arguments"]["training"]
-    with pytest.raises(ValueError, match=r"other arguments \(training.ta_neuron_lr_scale: None -> 2.0\)"):
-        run_pipeline(parse_args([str(config), "--ta_neuron_lr_scale", "2"], config_positional=True), log=lines.append)
+    with pytest.raises(ValueError, match=r"other arguments \(training.ta_neuron_lr_scale: 2.0 -> 1.0\)"):
+        run_pipeline(parse_args([str(config), "--ta_neuron_lr_scale", "1"], config_positional=True), log=lines.append)
+
+
+def test_a_field_added_later_is_recorded_only_away_from_its_old_value(tmp_path):
+    """So that a stage recorded before `ta_neuron_lr_scale` existed (the value it had: 1) still matches."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(tmp_path))
+    for extra, recorded in (([], None), (["--ta_neuron_lr_scale", "1"], None), (["--ta_neuron_lr_scale", "2"], 2.0)):
+        training = stage_arguments(parse_args([str(config), *extra], config_positional=True), "train")["training"]
+        assert training.get("ta_neuron_lr_scale") == recorded
 
 
 def test_stage_reruns_one_stage_and_drops_the_later_records(tiny_run, monkeypatch):

@@ -581,6 +581,12 @@ BAD_INPUTS = [  # (builder of MatTATrainer kwargs, exception, text the error mus
      ValueError, "teacher's tokenizer differs from the student's"),
     (lambda tmp_path: dict(model=_student(widths=(64,)), args=_args(tmp_path, ta_neuron_lr_scale=2.0)),
      ValueError, r"ta_neuron_lr_scale=2.0 scales the steps .* this model has none \(student_width=64"),
+    (lambda tmp_path: dict(model=(model := _student()), args=_args(tmp_path, ta_neuron_lr_scale=2.0),
+                           optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None)),
+     ValueError, r"ta_neuron_lr_scale=2.0 scales the steps of the optimizer the trainer builds, but one was given"),
+    (lambda tmp_path: dict(model=_student(),
+                           args=_args(tmp_path, ta_neuron_lr_scale=2.0, optim="schedule_free_adamw")),
+     ValueError, r"cannot scale the steps of optim='schedule_free_adamw'"),
 ]
 
 

@@ -144,9 +144,10 @@ def scale_ta_neuron_steps(optimizer: torch.optim.Optimizer, model: nn.Module, sc
     slices of tensors they share with the student's, so no parameter group can give them their own learning rate.
     Instead, hooks on `optimizer.step` keep a copy of the slices before the step and move them to
     `before + scale * (after - before)` after it: for an element-wise optimizer such as AdamW (decoupled weight decay
-    included) exactly the step of a learning rate `scale` times larger, for Shampoo the preconditioned update scaled.
-    The copy costs the slices' memory during the step. The hooks read the parameters themselves, so they cannot run
-    on the flattened shards of DeepSpeed ZeRO or FSDP (the trainer refuses that combination).
+    included) on fp32 weights exactly the step of a learning rate `scale` times larger, for Shampoo the
+    preconditioned update scaled. The copy costs the slices' memory during the step. The hooks read the parameters
+    themselves, so they cannot run on the flattened shards of DeepSpeed ZeRO or FSDP (the trainer refuses that
+    combination, and the others `hf_matta.trainer.check_ta_neuron_lr_scale` lists).
 
     Raises:
         ValueError: `model` has no student narrower than its FFN (no `config.student_width` below a layer's width).

@@ -119,6 +119,40 @@ def check_output_dir(output_dir: str | os.PathLike, reads: Mapping[str, str | No
             )
 
 
+def check_ta_neuron_lr_scale(args: MatTATrainingArguments, config, sharded: bool = False, given: bool = False) -> None:
+    """Refuse `args.ta_neuron_lr_scale` != 1 where it would not scale the TA-only neurons' step: a model without
+    them (`config`: one granularity), flattened shards (DeepSpeed or FSDP: in `args`, or `sharded` when launched so),
+    an optimizer the trainer did not build (`given`), or a Trainer `optim` whose step does not move the weights
+    itself (LOMO, layer-wise GaLore/APOLLO) or keeps a second copy of them (schedule-free)."""
+    scale = args.ta_neuron_lr_scale
+    if scale == 1:
+        return
+    if config.student_width == config.mat_widths[-1]:
+        raise ValueError(
+            f"ta_neuron_lr_scale={scale} scales the steps of the FFN neurons beyond the student's width, and this "
+            f"model has none (student_width={config.student_width} is its full width): leave ta_neuron_lr_scale at "
+            "1, or train a nested model with a TA."
+        )
+    if sharded or args.deepspeed or args.fsdp:
+        raise ValueError(
+            f"ta_neuron_lr_scale={scale} cannot run under DeepSpeed or FSDP, whose optimizers step flattened shards "
+            "where the TA-only neurons' slices cannot be found: use DDP, or leave ta_neuron_lr_scale at 1."
+        )
+    if given:
+        raise ValueError(
+            f"ta_neuron_lr_scale={scale} scales the steps of the optimizer the trainer builds, but one was given "
+            "(optimizers=...): scale it yourself with hf_matta.optim.scale_ta_neuron_steps and leave "
+            "ta_neuron_lr_scale at 1, or let the trainer build it."
+        )
+    optim = str(getattr(args.optim, "value", args.optim))
+    if args.optimizer is None and ("lomo" in optim or "layerwise" in optim or optim.startswith("schedule_free")):
+        raise ValueError(
+            f"ta_neuron_lr_scale={scale} cannot scale the steps of optim={optim!r}, which updates the weights outside "
+            "the optimizer's step or keeps a second copy of them: use optimizer='adamw' (or another hf_matta "
+            "optimizer), or leave ta_neuron_lr_scale at 1."
+        )
+
+
 def load_teacher(name_or_path: str) -> PreTrainedModel:
     """The teacher named by a path or Hub id; a PEFT adapter is loaded onto its base model and merged into it."""
     check_teacher_location(name_or_path)
@@ -258,18 +292,10 @@ class MatTATrainer(Trainer):
                 "Shampoo needs each parameter's shape: use DDP (FSDP v1 also hands the optimizer flat 1-D shards, even "
                 "with use_orig_params, and FSDP2's DTensors break ScalableShampoo), or optimizer='adamw'."
             )
-        if args.ta_neuron_lr_scale != 1 and self._config.student_width == self._config.mat_widths[-1]:
-            raise ValueError(
-                f"ta_neuron_lr_scale={args.ta_neuron_lr_scale} scales the steps of the FFN neurons beyond the "
-                f"student's width, and this model has none (student_width={self._config.student_width} is its full "
-                "width): leave ta_neuron_lr_scale at 1, or train a nested model with a TA."
-            )
-        if args.ta_neuron_lr_scale != 1 and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise ValueError(
-                f"ta_neuron_lr_scale={args.ta_neuron_lr_scale} cannot run under DeepSpeed or FSDP, whose optimizers "
-                "step flattened shards where the TA-only neurons' slices cannot be found: use DDP, or leave "
-                "ta_neuron_lr_scale at 1."
-            )
+        check_ta_neuron_lr_scale(
+            args, self._config, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
+            given=self.optimizer is not None,
+        )  # fmt: skip
         if args.n_gpu > 1:
             raise ValueError(
                 f"n_gpu={args.n_gpu}: MatTATrainer does not run under torch.nn.DataParallel; launch one process per "
@@ -841,4 +867,7 @@ class MatTATrainer(Trainer):
         return output
 
 
-__all__ = ["MatTATrainer", "NonFiniteLossError", "check_output_dir", "check_teacher_location", "load_teacher"]
+__all__ = [
+    "MatTATrainer", "NonFiniteLossError", "check_output_dir", "check_ta_neuron_lr_scale", "check_teacher_location",
+    "load_teacher",
+]

@@ -57,9 +57,10 @@ class MatTATrainingArguments(TrainingArguments):
         ta_neuron_lr_scale (`float`, defaults to 1.0): the step of the FFN neurons beyond the student's width (those
             only the TA and the wider students run), as a multiple of the step every other parameter takes: each
             optimizer step's update of those slices is multiplied by it (`hf_matta.optim.scale_ta_neuron_steps`),
-            which for AdamW is exactly a learning rate `ta_neuron_lr_scale` times larger for them. A wide model
-            alone prefers a larger step than a narrow one (benchmarks/RESULTS.md, narrow setting). Not under
-            DeepSpeed or FSDP, whose optimizers see flattened shards.
+            which for AdamW on fp32 weights is exactly a learning rate `ta_neuron_lr_scale` times larger for them. A
+            wide model alone prefers a larger step than a narrow one (benchmarks/RESULTS.md, narrow setting). Refused
+            under DeepSpeed or FSDP (flattened shards), with an optimizer passed to the trainer, and with Trainer
+            `optim`s that step outside the optimizer (LOMO, layer-wise) or keep a second copy (schedule-free).
         teacher_model_name_or_path (`str`, *optional*): the frozen teacher: a model path or Hub id, or a PEFT
             adapter directory whose base model is loaded and the adapter merged. Unused when the trainer is given
             `teacher_model`. Without a teacher, `teacher_weight` is 0.
@@ -137,7 +138,7 @@ class MatTATrainingArguments(TrainingArguments):
     ta_neuron_lr_scale: float = field(
         default=1.0,
         metadata={
-            "help": "Step of the FFN neurons beyond the student's width, as a multiple of the learning rate (> 0)."
+            "help": "Step of the FFN neurons beyond the student's width, as a multiple of the others' step (> 0)."
         },
     )
     teacher_model_name_or_path: str | None = field(

@@ -15,7 +15,7 @@ from transformers import AutoConfig, PretrainedConfig
 from ..data import check_block_size, check_text_file, load_tokenizer
 from ..files import is_empty_folder
 from ..hub import PublishError
-from ..trainer import check_output_dir, check_teacher_location
+from ..trainer import check_output_dir, check_ta_neuron_lr_scale, check_teacher_location
 from ..models import MatGPT2Config
 from .arguments import PipelineArguments
 from .stages import DRY_RUN_NAMESPACE, config_from_string, resolve_plans
@@ -46,6 +46,7 @@ def check_run(args: PipelineArguments) -> MatGPT2Config:
     config = attempt(lambda: _nested_config(args, vocab)) if vocab is not None else None
     if config is not None:
         attempt(lambda: check_block_size(args.data.block_size, config.n_positions))
+        attempt(lambda: check_ta_neuron_lr_scale(args.training, config))
         plans = attempt(lambda: resolve_plans(args.extract, config))
         attempt(lambda: _check_search(args))
         if plans is not None:

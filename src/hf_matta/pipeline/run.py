@@ -159,9 +159,13 @@ def plan_stages(args: PipelineArguments) -> list[_Step]:
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> str:
-    """`max_steps: 120 -> 200, ...` between two argument dicts (nested ones flattened)."""
+    """`max_steps: 120 -> 200, ...` between two argument dicts (nested ones flattened; a field of `ADDED_FIELDS`
+    missing on one side has the value it is left out at)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        parts = [_differences(old.get(key), new.get(key), f"{prefix}{key}.") for key in sorted({*old, *new})]
+        parts = [
+            _differences(old.get(key, ADDED_FIELDS.get(key)), new.get(key, ADDED_FIELDS.get(key)), f"{prefix}{key}.")
+            for key in sorted({*old, *new})
+        ]
         return ", ".join(part for part in parts if part)
     return "" if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 

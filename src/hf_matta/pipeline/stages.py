@@ -286,7 +286,10 @@ def train_stage(run: Run) -> dict:
     outputs = {"summary": summary, "baseline": None}
     if args.model.baseline:
         set_seed(training_args.seed)
-        baseline_args = dataclasses.replace(training_args, output_dir=str(run.output_dir / BASELINE_DIR))
+        # one width, so no TA-only neurons to step differently
+        baseline_args = dataclasses.replace(
+            training_args, output_dir=str(run.output_dir / BASELINE_DIR), ta_neuron_lr_scale=1.0
+        )
         width = args.model.student_width or args.model.mat_widths[0]
         model = build_nested_model(args.model, tokenizer, mat_widths=[width])
         baseline = _train(run, model, baseline_args, tokenizer, blocks, time.perf_counter())
