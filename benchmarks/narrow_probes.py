@@ -20,8 +20,11 @@ defaults, seeds and run cache):
    where MatTA's student does, the TA gives its student what a teacher of the TA's quality can, and a MatTA student
    10 % below the KD student would have to beat distillation itself.
 4. At quality.py's tuned learning rates (probes 1-3 run at the arms' default 2e-3, before quality.py tuned it): its
-   tuned MatTA against KD alone tuned at every width, and the TA's term weighted 2 at MatTA's tuned learning rate
-   (3 seeds), the variant that brought the TA closest to KD alone at 2e-3.
+   tuned MatTA against KD alone tuned at every width, and at MatTA's tuned learning rate (3 seeds each, with their
+   Mix'n'Match families): the TA-only FFN neurons' step at 1, 2 and 4 times the learning rate (`ta_neuron_lr_scale`;
+   KD alone's best step grows with the width, from 2e-3 at the student's to 8e-3 at the TA's), the TA's term
+   weighted 2, the variant that brought the TA closest to KD alone at 2e-3, and a mixed plan trained per step, the
+   one that made plans mixing widths across layers usable there.
 
 Writes a section of benchmarks/RESULTS.md; runs are cached under `--work`, like quality.py's.
 """
@@ -60,6 +63,9 @@ LONGER_VARIANTS = {  # MatTA's schedules trained that long: is the default's TA-
 }
 DEFAULT = "TA first 40 %, ramps 30 % (default)"
 TUNED = "quality.py's tuned MatTA"
+# the step of the TA-only FFN neurons (`ta_neuron_lr_scale`) at MatTA's tuned learning rate: KD alone's best step grows
+# with the width (quality.py's per-size tuning: 2e-3 at FFN 32, 8e-3 at 1024), while MatTA runs one for both ends
+STEP_SCALES = {1.0: SEEDS, 2.0: SEEDS, 4.0: (0,)}  # x 4: one seed (its tune-split family the worst of the three)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     runner = Runner(setting, args.work, data, args.jobs, 1)
     S, A = setting["student_ffn"], setting["ta_ffn"]
-    # every arm at its defaults (learning rate 2e-3): the probes came before quality.py tuned the learning rate
+    # every arm at its defaults (learning rate 2e-3), every neuron at one step: the probes came before quality.py
+    # tuned the learning rate, and before the TA-only neurons' step (`ta_neuron_lr_scale`) existed
     kd = trials(setting, "kd", 1)[0]
-    matta = trials(setting, "matta", 1, base=kd)[0]
+    matta = {**trials(setting, "matta", 1, base=kd)[0], "ta_neuron_lr_scale": 1.0}
 
     kd_runs = [runner.spec("kd", kd, 0), runner.spec("kd", kd, 0, widths=[A], save="kd_ta")]
     variants = {DEFAULT: (matta, SEEDS)}
@@ -98,7 +105,16 @@ def main(argv: list[str] | None = None) -> None:
     # quality.py's tuned arms (its tuning is cached), and the TA's term weighted 2 at MatTA's tuned learning rate
     tuned = tune(setting, runner)
     best = tuned.best["matta"]
-    tuned_variants = {TUNED: (best, SEEDS), f"{TUNED}, TA's term weighted 2": ({**best, "ta_weight": 2.0}, SEEDS)}
+    scale = best.get("ta_neuron_lr_scale", 1.0)
+    tuned_variants = {TUNED: (best, SEEDS)}
+    tuned_variants.update({
+        f"{TUNED}, TA-only neurons' step x {k:g}": ({**best, "ta_neuron_lr_scale": k}, seeds)
+        for k, seeds in STEP_SCALES.items() if k != scale
+    })  # fmt: skip
+    tuned_variants[f"{TUNED}, TA's term weighted 2, one step"] = (
+        {**best, "ta_weight": 2.0, "ta_neuron_lr_scale": 1.0}, SEEDS
+    )
+    tuned_variants[f"{TUNED}, a mixed plan per step"] = ({**best, "extra_widths": "mixed"}, SEEDS)
     tuned_specs = {
         (name, seed): runner.spec("matta", hp, seed, mix_n_match=True)
         for name, (hp, seeds) in tuned_variants.items()
@@ -125,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     runner.pool.shutdown()
     teacher = next(iter(base["test_ppl"].values()))
     variant_runs = [result for (name, _), result in matta_results.items() if name != DEFAULT]
-    variant_runs += [tuned_results[name, seed] for name in list(tuned_variants)[1:] for seed in SEEDS]
+    variant_runs += [
+        tuned_results[name, seed] for name, (_, seeds) in list(tuned_variants.items())[1:] for seed in seeds
+    ]
     probes = [kd_student, kd_ta, *taught, *longer.values(), *variant_runs]
     minutes = sum(result["seconds"] for result in probes) / 60
     middle = ladder(setting)[1:-1]  # the Mix'n'Match widths between student and TA
@@ -136,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         *provenance("benchmarks/narrow_probes.py", time.perf_counter() - started, f"{args.jobs} jobs x 1 thread"),
         "- The narrow setting of `quality.py` (its data, teacher and cached runs); test perplexity on the same 1024 "
         f"test blocks. Every run here, KD alone included, is at the arms' default learning rate ({kd['learning_rate']}"
-        "; the probes came before quality.py tuned it): they compare schedules with one another, not with the tuned "
-        f"arms. Training runs: {minutes:.1f} process-minutes in all (cached runs are not run again).",
+        "; the probes came before quality.py tuned it), every MatTA neuron at that one step, until the section at "
+        "quality.py's tuned learning rates: they compare schedules with one another, not with the tuned arms. "
+        f"Training runs: {minutes:.1f} process-minutes in all (cached runs are not run again).",
         "",
         "### MatTA's defaults (TA first 40 %) against the paper's schedule, a heavier TA term, a longer TA-first "
         "phase and mixed-plan training, seed 0",
@@ -179,38 +198,36 @@ def main(argv: list[str] | None = None) -> None:
         f"### At quality.py's tuned learning rates (MatTA {best['learning_rate']}, KD alone tuned at each width)",
         "",
         "quality.py's tuned MatTA and KD alone at every width (each at the learning rate its own tune perplexity "
-        "chose), and the variant that brought the TA closest to KD alone above, the TA's term weighted 2, at MatTA's "
-        "tuned learning rate. Columns as above.",
+        "chose), and, at MatTA's tuned learning rate: the FFN neurons beyond the student's width at other multiples "
+        "of the step (`ta_neuron_lr_scale`: KD alone's best step grows with the width, MatTA's one step serves both "
+        "ends), the variant that brought the TA closest to KD alone at 2e-3, the TA's term weighted 2 (every "
+        "neuron at one step), and the one that made the mixed plans usable, a mixed plan trained per step. Columns "
+        "as above; the last column decides whether a variant replaces quality.py's default, as above.",
     ]
     lines += _over_seeds(tuned_variants, tuned_results, tuned_results, ladder(setting), TUNED)
-    params = [count_parameters(_model_config(setting, [w]), w) for w in ladder(setting)]
-    families = list(default["mix_n_match"])
+    tuned_better = [
+        name for name, (_, seeds) in tuned_variants.items()
+        if name != TUNED and _below(tuned_results, name, TUNED, seeds) == len(seeds)
+    ]  # fmt: skip
     lines += [
+        "",
+        (
+            f"Lower on the tune split than quality.py's tuned MatTA in every seed: {', '.join(tuned_better)}."
+            if tuned_better
+            else "No variant's family is lower on the tune split than quality.py's tuned MatTA's in every seed."
+        )
+        + f" quality.py's narrow setting runs the TA-only neurons' step at x {scale:g}.",
         "",
         "### Mix'n'Match families against the KD-alone curve",
         "",
         "Each family's members (quality.py's: uniform plans, block plans, the greedy search's path, and both after "
         "reordering by importance) against KD alone at the same seed, the curve through its sizes (log-linear "
         "between them): the worst member of each seed, as the mean over seeds and its range; and in how many seeds "
-        "the family is monotone.",
-        "",
-        "| MatTA | " + " | ".join(families) + " |",
-        "|---|" + "---|" * len(families),
+        "the family is monotone. The probes at 2e-3 against KD alone at 2e-3, then the tuned runs against KD alone "
+        "tuned at every width.",
     ]
-    for name, (_, seeds) in variants.items():
-        cells = []
-        for kind in families:
-            checks = [
-                against_curve(
-                    matta_results[name, seed]["mix_n_match"][kind],
-                    params,
-                    [alone[w, seed]["test_ppl"][str(w)] for w in ladder(setting)],
-                )
-                for seed in seeds
-            ]
-            falling = sum(ordered for _, ordered in checks)
-            cells.append(f"{_percent([worst for worst, _ in checks])}, monotone {falling} of {len(seeds)}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _families(variants, matta_results, alone, setting, list(default["mix_n_match"]))
+    lines += _families(tuned_variants, tuned_results, tuned_results, setting, list(default["mix_n_match"]))
     lines += [
         "",
         f"### Trained {LONGER} x longer ({steps} steps, {steps * setting['batch'] * setting['block'] / 1e6:.1f} M "
@@ -283,6 +300,24 @@ def _over_seeds(variants: dict, matta: dict, alone: dict, widths: list[int], ref
             f"{min(members) * 100:+.1f} to {max(members) * 100:+.1f} % | {falling} of {len(seeds)} | "
             f"{_mean_std(family)} | {below} |"
         )
+    return rows
+
+
+def _families(variants: dict, matta: dict, alone: dict, setting: dict, kinds: list[str]) -> list[str]:
+    """The Mix'n'Match table, header and rows: per variant and family kind, the worst member's distance to the
+    KD-alone curve (`alone[w, seed]`) over seeds, and in how many seeds the family is monotone."""
+    widths = ladder(setting)
+    params = [count_parameters(_model_config(setting, [w]), w) for w in widths]
+    rows = ["", "| MatTA | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, (_, seeds) in variants.items():
+        cells = []
+        for kind in kinds:
+            curves = [[alone[w, seed]["test_ppl"][str(w)] for w in widths] for seed in seeds]
+            checks = [against_curve(matta[name, seed]["mix_n_match"][kind], params, curve)
+                      for seed, curve in zip(seeds, curves)]  # fmt: skip
+            falling = sum(ordered for _, ordered in checks)
+            cells.append(f"{_percent([worst for worst, _ in checks])}, monotone {falling} of {len(seeds)}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
 
 

@@ -22,7 +22,8 @@ Three settings (`SETTINGS`):
   2 M tokens it sees, in a TA of FFN 1024; a model of the TA's size alone beats one of the student's by 20 % here
   (CE, seed 0), where the other settings' widths pay 2-5 %. Five trials per arm over the learning rate, every
   other knob at the arm's defaults (MatTA trains the ladder's three widths between student and TA too, one sampled
-  per step, `extra_widths="sample"`), and KD alone tuned the same way at every size of the ladder.
+  per step, `extra_widths="sample"`, and steps the FFN neurons beyond the student's width twice as far as the rest,
+  `ta_neuron_lr_scale=2`, as `narrow_probes.py` chose), and KD alone tuned the same way at every size of the ladder.
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
@@ -68,6 +69,7 @@ from pathlib import Path
 import torch
 
 from hf_matta.pipeline.report import provenance, write_section
+from hf_matta.training_args import ADDED_FIELDS
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,14 +117,19 @@ SETTINGS = {
             matta=dict(
                 learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], ta_first_steps=[0.4], student_warmup_steps=[0.3],
                 distill_warmup_steps=[0.3], ta_weight=[1.0], distill_weight=[1.0], distill_temperature=[1.0],
-                detach_ta_targets=[True], extra_widths=["sample"],
+                detach_ta_targets=[True], extra_widths=["sample"], ta_neuron_lr_scale=[2.0],
             ),
         ),
         # Mix'n'Match needs the widths between student and TA trained: untrained, the middle one measured as the
         # student (seed 0: 39.89 at 528 vs 39.81 at 32); trained ("all", ladder [32, 528, 1024]) the uniform family
         # was monotone (40.33 -> 36.74 -> 36.73). One of the three sampled per step keeps the step's FLOPs those of
         # "all" on that 3-width ladder.
-        defaults=dict(matta=dict(extra_widths="sample")),
+        # The FFN neurons beyond the student's width step twice as far as the rest (`ta_neuron_lr_scale`): KD alone's
+        # best step doubles twice from the student's width to the TA's, and MatTA runs one step for both. At MatTA's
+        # tuned step (4e-3, narrow_probes.py, 3 seeds) x 2 made the family lower on the tune split in 3 of 3 seeds
+        # (by 0.01, 0.02 and 0.47 ppl: two ties and a win; the TA lower by 0.35-0.80 on the test split in every
+        # seed, the student higher by 0.54-1.16), x 4 was worse (seed 0).
+        defaults=dict(matta=dict(extra_widths="sample", ta_neuron_lr_scale=2.0)),
     ),
 }  # fmt: skip
 TUNE_BLOCKS, TEST_BLOCKS = 512, 1024  # held-out blocks measured per run (the first ones of each split)
@@ -137,9 +144,6 @@ DEFAULTS = {
         distill_temperature=1.0, detach_ta_targets=True, extra_widths="none",
     ),
 }
-# MatTA knobs added after runs were cached, at the value those runs had: a setting leaves them out of its defaults,
-# so that their runs keep their cache keys; a grid or a probe that sets one passes it to the trainer.
-LATER_KNOBS = {"ta_neuron_lr_scale": 1.0}
 GRIDS = {
     "ce": dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3]),
     "kd": dict(
@@ -177,7 +181,7 @@ def _training_args(run: dict, out_dir: Path):
     from hf_matta.training_args import MatTATrainingArguments
 
     hp = dict(run["hp"])
-    knobs = [*DEFAULTS["matta"], *LATER_KNOBS, "teacher_weight", "teacher_temperature"]
+    knobs = [*DEFAULTS["matta"], *ADDED_FIELDS, "teacher_weight", "teacher_temperature"]
     matta = {key: hp[key] for key in knobs if key in hp}
     return MatTATrainingArguments(
         output_dir=str(out_dir), use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
@@ -352,12 +356,12 @@ class Runner:
         self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
 
     def spec(self, kind: str, hp: dict, seed: int = 0, optimizer: str = "adamw", **extra) -> dict:
-        """A run description; `key` hashes everything that changes its result (a `LATER_KNOBS` knob at the value
-        every run had before it existed is left out of `hp`, so those runs keep their keys). Defaults: the setting's
+        """A run description; `key` hashes everything that changes its result (a trainer field added later, at the
+        value runs had before it existed, is left out of `hp`: `ADDED_FIELDS`). Defaults: the setting's
         student (nested in the ladder for MatTA), its training split and steps; grown from the pre-trained student
         with `grow`."""
         S = self.setting["student_ffn"]
-        hp = {key: value for key, value in hp.items() if key not in LATER_KNOBS or value != LATER_KNOBS[key]}
+        hp = {key: value for key, value in hp.items() if key not in ADDED_FIELDS or value != ADDED_FIELDS[key]}
         widths = extra.pop("widths", ladder(self.setting) if kind in ("matta", "separate_ta") else [S])
         grow = self.setting["grow"]
         run = dict(
