@@ -507,6 +507,7 @@ RESUME_CASES = [  # (settings, the optimizer class that must run)
     # preconditioners computed at steps 2 and 4, on both sides of the checkpoint
     (dict(optimizer="shampoo", precondition_frequency=2, start_preconditioning_step=2), "ScalableShampoo"),
     (dict(optimizer="soap"), "SOAP"),
+    (dict(ta_neuron_lr_scale=2.0), "AdamW"),  # the TA-only neurons' step hooks hold no state between steps
 ]
 
 
