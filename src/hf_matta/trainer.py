@@ -479,7 +479,8 @@ class MatTATrainer(Trainer):
         else:
             self.optimizer = build_optimizer(model, self.args)
         if self.args.ta_neuron_lr_scale != 1:
-            scale_ta_neuron_steps(self.optimizer, model, self.args.ta_neuron_lr_scale)
+            # on the nested model itself, whose parameters the optimizer steps (a wrapper has no config)
+            scale_ta_neuron_steps(self.optimizer, self.model, self.args.ta_neuron_lr_scale)
         return self.optimizer
 
     def _teacher_logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
