@@ -180,10 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         "of the per-seed ratio, with its range. The uniform members are the widths between student and TA and the TA.",
     ]
     lines += _over_seeds(variants, matta_results, alone, ladder(setting), DEFAULT)
-    better = [
-        name for name, (_, seeds) in variants.items()
-        if name != DEFAULT and _below(matta_results, name, DEFAULT, seeds) == len(seeds)
-    ]  # fmt: skip
+    better = _lower_in_every_seed(variants, matta_results, DEFAULT)
     lines += [
         "",
         "The family on the tune split is the geometric mean perplexity of the five uniform members on the tune blocks "
@@ -205,10 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "as above; the last column decides whether a variant replaces quality.py's default, as above.",
     ]
     lines += _over_seeds(tuned_variants, tuned_results, tuned_results, ladder(setting), TUNED)
-    tuned_better = [
-        name for name, (_, seeds) in tuned_variants.items()
-        if name != TUNED and _below(tuned_results, name, TUNED, seeds) == len(seeds)
-    ]  # fmt: skip
+    tuned_better = _lower_in_every_seed(tuned_variants, tuned_results, TUNED)
     lines += [
         "",
         (
@@ -319,6 +313,15 @@ def _families(variants: dict, matta: dict, alone: dict, setting: dict, kinds: li
             cells.append(f"{_percent([worst for worst, _ in checks])}, monotone {falling} of {len(seeds)}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
+
+
+def _lower_in_every_seed(variants: dict, matta: dict, reference: str) -> list[str]:
+    """The variants whose family is lower on the tune split than `reference`'s in every seed they ran: the rule that
+    replaces a default."""
+    return [
+        name for name, (_, seeds) in variants.items()
+        if name != reference and _below(matta, name, reference, seeds) == len(seeds)
+    ]  # fmt: skip
 
 
 def _below(matta: dict, name: str, reference: str, seeds) -> int:

@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 
 from hf_matta.pipeline.report import provenance, write_section
-from hf_matta.training_args import ADDED_FIELDS
+from hf_matta.training_args import ADDED_FIELDS, without_added_fields
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,11 +357,11 @@ class Runner:
 
     def spec(self, kind: str, hp: dict, seed: int = 0, optimizer: str = "adamw", **extra) -> dict:
         """A run description; `key` hashes everything that changes its result (a trainer field added later, at the
-        value runs had before it existed, is left out of `hp`: `ADDED_FIELDS`). Defaults: the setting's
+        value runs had before it existed, is left out of `hp`: `without_added_fields`). Defaults: the setting's
         student (nested in the ladder for MatTA), its training split and steps; grown from the pre-trained student
         with `grow`."""
         S = self.setting["student_ffn"]
-        hp = {key: value for key, value in hp.items() if key not in ADDED_FIELDS or value != ADDED_FIELDS[key]}
+        hp = without_added_fields(hp)
         widths = extra.pop("widths", ladder(self.setting) if kind in ("matta", "separate_ta") else [S])
         grow = self.setting["grow"]
         run = dict(

@@ -24,6 +24,11 @@ GRAFTINGS = ("adam", "sgd", "none")
 ADDED_FIELDS = {"ta_neuron_lr_scale": 1.0}
 
 
+def without_added_fields(values: dict) -> dict:
+    """`values` (field name -> value) less the `ADDED_FIELDS` that hold the value runs had before them."""
+    return {name: value for name, value in values.items() if name not in ADDED_FIELDS or value != ADDED_FIELDS[name]}
+
+
 @dataclass
 class MatTATrainingArguments(TrainingArguments):
     r"""

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..data import DataArguments
 from ..files import write_json_atomic
-from ..training_args import ADDED_FIELDS
+from ..training_args import ADDED_FIELDS, without_added_fields
 from .arguments import STAGES, PipelineArguments, training_fingerprint_fields
 from .check import check_run
 from .report import report_stage
@@ -64,7 +64,7 @@ class _Step:
 
 def stage_arguments(args: PipelineArguments, stage: str) -> dict:
     """The arguments a stage's outputs depend on (beyond the stages before it), as JSON values; a training field
-    added later is left out at the value runs had before it (`ADDED_FIELDS`), so their records still match."""
+    added later is left out at the value runs had before it (`without_added_fields`), so their records still match."""
     model, data, training = asdict(args.model), asdict(args.data), args.training
     own = {
         "teacher": lambda: {
@@ -76,11 +76,9 @@ def stage_arguments(args: PipelineArguments, stage: str) -> dict:
         "train": lambda: {
             "model": model,
             "data": data,
-            "training": {
-                name: getattr(training, name)
-                for name in training_fingerprint_fields()
-                if name not in ADDED_FIELDS or getattr(training, name) != ADDED_FIELDS[name]
-            },
+            "training": without_added_fields(
+                {name: getattr(training, name) for name in training_fingerprint_fields()}
+            ),
         },
         "extract": lambda: asdict(args.extract),
         "evaluate": lambda: asdict(args.evaluate),
