@@ -68,8 +68,10 @@ TUNED = "quality.py's tuned MatTA"
 STEP_SCALES = {1.0: SEEDS, 2.0: SEEDS, 4.0: (0,)}  # x 4: one seed (its tune-split family the worst of the three)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def open_narrow(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, dict, Runner]:
+    """A narrow-setting script's command line (`--work`, `--jobs`, `--out`), the setting, and a Runner on the data
+    and teacher quality.py left in `--work` (the script exits saying what to run first when they are missing)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "quality" / "narrow")
     parser.add_argument("--jobs", type=int, default=2, help="parallel training processes (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
@@ -81,8 +83,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.work} has no narrow-setting data or teacher: run `python benchmarks/quality.py --setting narrow` "
             "first (or pass its --work folder)."
         )
+    return args, setting, Runner(setting, args.work, data, args.jobs, 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, setting, runner = open_narrow(__doc__.split("\n\n")[0], argv)
     started = time.perf_counter()
-    runner = Runner(setting, args.work, data, args.jobs, 1)
     S, A = setting["student_ffn"], setting["ta_ffn"]
     # every arm at its defaults (learning rate 2e-3), every neuron at one step: the probes came before quality.py
     # tuned the learning rate, and before the TA-only neurons' step (`ta_neuron_lr_scale`) existed
