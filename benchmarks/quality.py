@@ -6,9 +6,10 @@ distilled from the teacher alone? Every claim is decided by the script, over see
     apt-get install python3.11-doc                                 # once: the capacity setting's corpus
     .venv/bin/python benchmarks/quality.py --setting capacity      # the paper's setting in miniature (hours)
     .venv/bin/python benchmarks/quality.py --setting narrow        # capacity bound from scratch (about 2 h)
+    .venv/bin/python benchmarks/quality.py --setting grown         # narrow's widths, grown from a plateau (1.5 h)
     .venv/bin/python benchmarks/quality.py --steps 100 --trials 2 --seeds 1 --out /tmp/q.md   # a quick look
 
-Three settings (`SETTINGS`):
+Four settings (`SETTINGS`):
 - `smallest`, from scratch on `pydoc_data.topics` (Python's own help() text, 0.13 M training tokens): about 0.6
   tokens per parameter, so no model is short of capacity; it is fast, and shows what MatTA does to a student that
   is short of data.
@@ -24,19 +25,25 @@ Three settings (`SETTINGS`):
   other knob at the arm's defaults (MatTA trains the ladder's three widths between student and TA too, one sampled
   per step, `extra_widths="sample"`, and steps the FFN neurons beyond the student's width twice as far as the rest,
   `ta_neuron_lr_scale=2`, as `narrow_probes.py` chose), and KD alone tuned the same way at every size of the ladder.
+- `grown`, the paper's recipe at `narrow`'s widths: the FFN-32 student is pre-trained alone until its tune loss
+  plateaus (`PLATEAU`: the step shrinks at each evaluation that does not improve, Transformers' `reduce_lr_on_plateau`,
+  and `EarlyStoppingCallback` ends the run), meant to leave width, not tokens, as what it lacks (RESULTS.md says what
+  it lacks instead), then grown into the TA of FFN 1024 and continued as in `capacity`. Five trials per arm over the
+  learning rate; MatTA at gpt2m.yaml's grown schedule (every term on, the distillation term ramped in over 10 %) with
+  `narrow`'s extra widths and TA-only step.
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
 1. Data: a ByteLevel BPE trained on the training documents; `held_out` % of the documents held out and split, by
    document, into a tune half (arms are tuned on it) and a test half (every reported perplexity).
-2. Teacher: a wider GPT-2 trained with CE on the (pre-)training blocks and frozen; for `capacity`, also the
-   pre-trained student.
-3. Tuning, the same number of trials per arm (`--trials`; the first is the arm's defaults, the others distinct
-   random draws from its grid): CE: learning rate. KD: learning rate, gamma, tau_T. MatTA: from KD's best learning
-   rate, gamma and tau_T, its own knobs: the TA-first phase, the student's ramp, w_A, w_D, tau_D, detach, and
-   whether the widths between student and TA train. Chosen by the student's tune-split perplexity at seed 0. With
-   `tune_each_size` (`smallest`, `narrow`), KD alone at every wider size of the ladder gets KD's trials too, chosen
-   by its own tune-split perplexity; in `capacity` (not re-run since) it takes the student's choice.
+2. Teacher: a wider GPT-2 trained with CE on the (pre-)training blocks and frozen; for `capacity` and `grown`, also
+   the pre-trained student.
+3. Tuning, the same number of trials per arm (`--trials`; the first is the arm's defaults, the others distinct random
+   draws from its grid): CE: learning rate. KD: learning rate, gamma, tau_T. MatTA: from KD's best learning rate, gamma
+   and tau_T, its own knobs: the TA-first phase, the student's ramp, w_A, w_D, tau_D, detach, and whether the widths
+   between student and TA train. Chosen by the student's tune-split perplexity at seed 0. With `tune_each_size`
+   (`smallest`, `narrow`, `grown`), KD alone at every wider size of the ladder gets KD's trials too, chosen by its own
+   tune-split perplexity; in `capacity` (not re-run since) it takes the student's choice.
 4. Seeds (`--seeds`): CE and KD students, MatTA, KD-alone models at every size of the Mix'n'Match ladder (student,
    three in between, TA), KD at MatTA's FLOPs, and the {KD, MatTA} x {AdamW, Shampoo} 2 x 2 (Shampoo's learning
    rate: the better of the AdamW arm's x 1 or x 2 on seed 0). `smallest` adds the sharing ablation (a separate TA
@@ -131,7 +138,41 @@ SETTINGS = {
         # seed, the student higher by 0.54-1.16), x 4 was worse (seed 0).
         defaults=dict(matta=dict(extra_widths="sample", ta_neuron_lr_scale=2.0)),
     ),
+    # The paper's recipe at the narrow setting's widths: the student pre-trained alone until its tune loss stops
+    # improving (`pretrain_until_plateau`, at most `pretrain_steps`), issue 12's recipe for a student whose width
+    # binds; then grown into a TA of FFN 1024 with `from_gpt2` and continued on documents no model has seen. The
+    # teacher is trained longer than narrow's (4000 steps) so that it stays ahead of a plateaued student.
+    "grown": dict(
+        corpus="python-docs", held_out=6, vocab=1024, block=128, batch=16, steps=600, n_layer=2, n_embd=128,
+        n_head=4, student_ffn=32, ta_ffn=1024, teacher="n_layer=4,n_embd=128,n_head=4", teacher_steps=4000,
+        pretrain_steps=20000, pretrain_until_plateau=True, continue_fraction=1 / 3, trials=5, seeds=3,
+        shampoo_block=128, grow=True, sharing_ablation=False, shampoo=False, ladder_steps=4, tune_each_size=True,
+        # five trials per arm over the learning rate, as in narrow, every other knob at the arm's defaults (with three
+        # and four, KD alone at the TA's width chose the grid's edge); MatTA at the grown schedule of gpt2m.yaml (every
+        # term on from step 0, the distillation term ramped in over 10 %: a grown TA starts equal to its student) with
+        # narrow's Mix'n'Match training and TA-only step
+        grids=dict(
+            ce=dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]),
+            kd=dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], teacher_weight=[0.5], teacher_temperature=[1.0]),
+            matta=dict(
+                learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], ta_first_steps=[0.0], student_warmup_steps=[0.0],
+                distill_warmup_steps=[0.1], ta_weight=[1.0], distill_weight=[1.0], distill_temperature=[1.0],
+                detach_ta_targets=[True], extra_widths=["sample"], ta_neuron_lr_scale=[2.0],
+            ),
+        ),
+        defaults=dict(
+            matta=dict(
+                ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1, extra_widths="sample",
+                ta_neuron_lr_scale=2.0,
+            ),
+        ),
+    ),
 }  # fmt: skip
+# "Until its tune loss plateaus": evaluated on the first PLATEAU_BLOCKS tune blocks every `eval_steps`; an evaluation
+# that does not beat the best by `threshold` nats multiplies the step by `factor` (`reduce_lr_on_plateau`), and
+# `patience` of them in a row stop the run (`EarlyStoppingCallback`): the step has shrunk `factor ** patience` times.
+PLATEAU = dict(eval_steps=250, threshold=0.003, factor=0.3, patience=3)
+PLATEAU_BLOCKS = 256
 TUNE_BLOCKS, TEST_BLOCKS = 512, 1024  # held-out blocks measured per run (the first ones of each split)
 SHAMPOO_LR_MULTIPLIERS = (1, 2)  # Shampoo (Adam-grafted) tends to want a larger step (benchmarks/optimizers.md)
 DEFAULTS = {
@@ -183,12 +224,20 @@ def _training_args(run: dict, out_dir: Path):
     hp = dict(run["hp"])
     knobs = [*DEFAULTS["matta"], *ADDED_FIELDS, "teacher_weight", "teacher_temperature"]
     matta = {key: hp[key] for key in knobs if key in hp}
+    schedule = dict(lr_scheduler_type="cosine", warmup_steps=max(1, run["steps"] // 10), eval_strategy="no")
+    if run.get("plateau"):  # the step shrinks when the tune loss stops improving, and the run stops (PLATEAU)
+        schedule = dict(
+            lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=PLATEAU["eval_steps"],
+            metric_for_best_model="loss", lr_scheduler_kwargs=dict(
+                factor=PLATEAU["factor"], patience=0, threshold=PLATEAU["threshold"], threshold_mode="abs"
+            ),
+        )  # fmt: skip
     return MatTATrainingArguments(
-        output_dir=str(out_dir), use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
-        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=run["seed"], data_seed=run["seed"],
-        max_steps=run["steps"], per_device_train_batch_size=run["batch"], per_device_eval_batch_size=32,
-        learning_rate=hp["learning_rate"], lr_scheduler_type="cosine", warmup_steps=max(1, run["steps"] // 10),
-        weight_decay=0.1, optimizer=run["optimizer"], max_preconditioner_dim=run.get("shampoo_block", 1024), **matta,
+        output_dir=str(out_dir), use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, seed=run["seed"], data_seed=run["seed"], max_steps=run["steps"],
+        per_device_train_batch_size=run["batch"], per_device_eval_batch_size=32, learning_rate=hp["learning_rate"],
+        weight_decay=0.1, optimizer=run["optimizer"], max_preconditioner_dim=run.get("shampoo_block", 1024),
+        **schedule, **matta,
     )  # fmt: skip
 
 
@@ -245,7 +294,7 @@ def train_run(run: dict) -> dict:
     """One training run described by `run` (a JSON-able dict); returns its tune/test perplexities per width, the
     collapse diagnostics of a nested model, and its Mix'n'Match curves when asked."""
     torch.set_num_threads(run["threads"])
-    from transformers import GPT2LMHeadModel, PrinterCallback, default_data_collator, set_seed
+    from transformers import EarlyStoppingCallback, GPT2LMHeadModel, PrinterCallback, default_data_collator, set_seed
 
     from hf_matta.extract import extract_student, validation_loss
     from hf_matta.trainer import MatTATrainer
@@ -257,13 +306,22 @@ def train_run(run: dict) -> dict:
     teacher = None
     if run["hp"].get("teacher_weight", 0) > 0:
         teacher = GPT2LMHeadModel.from_pretrained(Path(run["work"]) / "models" / run.get("teacher", "teacher"))
+    plateau = {}
+    if run.get("plateau"):
+        plateau = dict(
+            eval_dataset=_blocks(data["tune"][:PLATEAU_BLOCKS]),
+            callbacks=[EarlyStoppingCallback(PLATEAU["patience"], PLATEAU["threshold"])],
+        )
     trainer = MatTATrainer(
         model=model, args=_training_args(run, Path(run["work"]) / "tmp" / run["key"]),
         train_dataset=_blocks(data[run["split"]]), data_collator=default_data_collator, teacher_model=teacher,
+        **plateau,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     train_metrics = trainer.train().metrics
     result = {"seconds": time.perf_counter() - start}
+    if run.get("plateau"):
+        result["steps_run"] = trainer.state.global_step
     tune, test = data["tune"][:TUNE_BLOCKS], data["test"][:TEST_BLOCKS]
     for split, ids in (("tune", tune), ("test", test)):
         result[f"{split}_ppl"] = {str(w): math.exp(validation_loss(model, ids, w, 32)) for w in run["widths"]}
@@ -501,7 +559,10 @@ def tune(setting: dict, runner: Runner) -> Tuned:
     base_runs = [runner.teacher_spec()]
     if setting["grow"]:
         base_runs.append(
-            runner.spec("ce", lr, split="pretrain", init=None, steps=setting["pretrain_steps"], save="student")
+            runner.spec(
+                "ce", lr, split="pretrain", init=None, steps=setting["pretrain_steps"], save="student",
+                **({"plateau": True} if setting.get("pretrain_until_plateau") else {}),
+            )  # fmt: skip
         )
     base_results = runner.run_all(base_runs)
     ce_trials = trials(setting, "ce", setting["trials"])
@@ -599,6 +660,8 @@ def main(argv: list[str] | None = None) -> None:
     run_minutes = sum(result["seconds"] for result in every_result) / 60
 
     report = Report(setting, args, blocks, documents, base_results, elapsed, run_minutes)
+    if setting["grow"]:
+        report.pre_trained_student(base_results[1], blocks, work / "models" / "student")
     for arm, name in (("ce", "CE alone"), ("kd", "KD"), ("matta", "MatTA")):
         report.tuning(name, *tuned.trials[arm], S, tuned.best[arm])
         if arm == "kd" and tuned.kd_sizes:
@@ -614,6 +677,16 @@ def main(argv: list[str] | None = None) -> None:
     write_section(args.out, f"quality --setting {args.setting}", report.text())
     print(report.text())
     print(f"written to {args.out} ({elapsed / 60:.1f} min)")
+
+
+def _saved_model_ppl(path: Path, blocks: dict) -> float:
+    """Perplexity of the saved pre-trained student on the first TEST_BLOCKS blocks of its own pre-training split."""
+    from transformers import GPT2LMHeadModel
+
+    from hf_matta.extract import validation_loss
+
+    model = GPT2LMHeadModel.from_pretrained(path)
+    return math.exp(validation_loss(model, blocks["pretrain"][:TEST_BLOCKS], batch_size=32))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -674,20 +747,32 @@ class Report:
             f"{s['ta_ffn']}; Mix'n'Match ladder {ladder(s)}. Teacher: GPT-2 {s['teacher']}, trained for "
             f"{s['teacher_steps']} steps: test ppl {teacher_ppl:.2f}.",
         ]
-        if s["grow"]:
-            student_ppl = next(iter(base_results[1]["test_ppl"].values()))
-            self.lines.append(
-                f"- Pre-trained student: CE for {s['pretrain_steps']} steps on the pre-training documents "
-                f"({s['pretrain_steps'] * s['batch'] * s['block'] / len(blocks['pretrain']) / s['block']:.1f} "
-                f"epochs): test ppl {student_ppl:.2f}. Every arm starts from it (grown into wider models with "
-                "`from_gpt2`) and continues on the continuation documents."
-            )
         self.lines += [
             f"- Budget per run: {s['steps']} steps x {s['batch']} x {s['block']} = {tokens:,} tokens "
             f"({tokens / blocks[train_split].numel():.2f} epochs of the {train_split} split); AdamW (weight decay "
             f"0.1) unless marked Shampoo; {s['trials']} tuning trials per arm; {s['seeds']} seeds (mean ± std).",
             "",
         ]
+
+    def pre_trained_student(self, result: dict, blocks: dict, saved: Path) -> None:
+        """The pre-trained student's line (settings with `grow`), placed before the budget's; with the plateau rule,
+        also its perplexity on its own pre-training blocks: how much of its plateau is memorised text."""
+        s = self.setting
+        steps = result.get("steps_run", s["pretrain_steps"])
+        until, fit = "", ""
+        if s.get("pretrain_until_plateau"):
+            until = (
+                f" until its tune loss plateaued ({PLATEAU['patience']} evaluations in a row, every "
+                f"{PLATEAU['eval_steps']} steps, not {PLATEAU['threshold']} nats below the best; the step x "
+                f"{PLATEAU['factor']} at each; at most {s['pretrain_steps']} steps)"
+            )
+            fit = f"; on the first {TEST_BLOCKS} of its own pre-training blocks {_saved_model_ppl(saved, blocks):.2f}"
+        self.lines.insert(-2, (
+            f"- Pre-trained student: CE for {steps} steps on the pre-training documents{until}, "
+            f"{steps * s['batch'] / len(blocks['pretrain']):.1f} epochs: test ppl "
+            f"{next(iter(result['test_ppl'].values())):.2f}{fit}. Every arm starts from it (grown into wider models "
+            "with `from_gpt2`) and continues on the continuation documents."
+        ))  # fmt: skip
 
     def tuning(self, name, settings, results, width, best):
         keys = list(settings[0])
