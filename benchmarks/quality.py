@@ -81,6 +81,24 @@ from hf_matta.training_args import ADDED_FIELDS, without_added_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
+LEARNING_RATES = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]  # the python-docs settings' grid, from scratch or continued
+
+
+def _learning_rate_grids(**matta) -> dict:
+    """Tuning grids that vary the learning rate only (`LEARNING_RATES`): KD at gamma 0.5, tau_T 1, MatTA at `matta`."""
+    return dict(
+        ce=dict(learning_rate=LEARNING_RATES),
+        kd=dict(learning_rate=LEARNING_RATES, teacher_weight=[0.5], teacher_temperature=[1.0]),
+        matta=dict(learning_rate=LEARNING_RATES, **{knob: [value] for knob, value in matta.items()}),
+    )
+
+
+# The grown setting's MatTA, its default and its only trial but for the learning rate: gpt2m.yaml's grown schedule
+# (every term on from step 0, the distillation term ramped in over 10 %) with narrow's extra widths and TA-only step.
+GROWN_MATTA = dict(
+    ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1, ta_weight=1.0, distill_weight=1.0,
+    distill_temperature=1.0, detach_ta_targets=True, extra_widths="sample", ta_neuron_lr_scale=2.0,
+)
 SETTINGS = {
     "smallest": dict(
         corpus="pydoc_data.topics", held_out=20, vocab=1024, block=64, batch=8, steps=250, n_layer=4, n_embd=64,
@@ -118,14 +136,9 @@ SETTINGS = {
         tune_each_size=True,
         # five trials per arm over the learning rate, every other knob at the arm's defaults (a MatTA trial is 10-19
         # min on one core; the schedules were compared over 3 seeds by narrow_probes.py instead)
-        grids=dict(
-            ce=dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]),
-            kd=dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], teacher_weight=[0.5], teacher_temperature=[1.0]),
-            matta=dict(
-                learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], ta_first_steps=[0.4], student_warmup_steps=[0.3],
-                distill_warmup_steps=[0.3], ta_weight=[1.0], distill_weight=[1.0], distill_temperature=[1.0],
-                detach_ta_targets=[True], extra_widths=["sample"], ta_neuron_lr_scale=[2.0],
-            ),
+        grids=_learning_rate_grids(
+            ta_first_steps=0.4, student_warmup_steps=0.3, distill_warmup_steps=0.3, ta_weight=1.0, distill_weight=1.0,
+            distill_temperature=1.0, detach_ta_targets=True, extra_widths="sample", ta_neuron_lr_scale=2.0,
         ),
         # Mix'n'Match needs the widths between student and TA trained: untrained, the middle one measured as the
         # student (seed 0: 39.89 at 528 vs 39.81 at 32); trained ("all", ladder [32, 528, 1024]) the uniform family
@@ -148,24 +161,10 @@ SETTINGS = {
         pretrain_steps=20000, pretrain_until_plateau=True, continue_fraction=1 / 3, trials=5, seeds=3,
         shampoo_block=128, grow=True, sharing_ablation=False, shampoo=False, ladder_steps=4, tune_each_size=True,
         # five trials per arm over the learning rate, as in narrow, every other knob at the arm's defaults (with three
-        # and four, KD alone at the TA's width chose the grid's edge); MatTA at the grown schedule of gpt2m.yaml (every
-        # term on from step 0, the distillation term ramped in over 10 %: a grown TA starts equal to its student) with
-        # narrow's Mix'n'Match training and TA-only step
-        grids=dict(
-            ce=dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]),
-            kd=dict(learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], teacher_weight=[0.5], teacher_temperature=[1.0]),
-            matta=dict(
-                learning_rate=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], ta_first_steps=[0.0], student_warmup_steps=[0.0],
-                distill_warmup_steps=[0.1], ta_weight=[1.0], distill_weight=[1.0], distill_temperature=[1.0],
-                detach_ta_targets=[True], extra_widths=["sample"], ta_neuron_lr_scale=[2.0],
-            ),
-        ),
-        defaults=dict(
-            matta=dict(
-                ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1, extra_widths="sample",
-                ta_neuron_lr_scale=2.0,
-            ),
-        ),
+        # and four, KD alone at the TA's width chose the grid's top); MatTA at GROWN_MATTA (a grown TA starts equal to
+        # its student: nothing to hold the student's terms back for)
+        grids=_learning_rate_grids(**GROWN_MATTA),
+        defaults=dict(matta=GROWN_MATTA),
     ),
 }  # fmt: skip
 # "Until its tune loss plateaus": evaluated on the first PLATEAU_BLOCKS tune blocks every `eval_steps`; an evaluation
@@ -659,9 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     every_result = [*base_results, *trial_results, *size_results, *shampoo_trials, *results_flat]
     run_minutes = sum(result["seconds"] for result in every_result) / 60
 
-    report = Report(setting, args, blocks, documents, base_results, elapsed, run_minutes)
-    if setting["grow"]:
-        report.pre_trained_student(base_results[1], blocks, work / "models" / "student")
+    report = Report(setting, args, blocks, documents, base_results, elapsed, run_minutes, work / "models")
     for arm, name in (("ce", "CE alone"), ("kd", "KD"), ("matta", "MatTA")):
         report.tuning(name, *tuned.trials[arm], S, tuned.best[arm])
         if arm == "kd" and tuned.kd_sizes:
@@ -725,7 +722,7 @@ def against_curve(points: list[dict], params: list[int], kd: list[float]) -> tup
 class Report:
     """The markdown report, section by section; `claims()` states which of the paper's claims held."""
 
-    def __init__(self, setting, args, blocks, documents, base_results, elapsed, run_minutes):
+    def __init__(self, setting, args, blocks, documents, base_results, elapsed, run_minutes, models: Path):
         self.setting, self.lines, self.verdicts = setting, [], []
         s = setting
         tokens = s["steps"] * s["batch"] * s["block"]
@@ -747,6 +744,8 @@ class Report:
             f"{s['ta_ffn']}; Mix'n'Match ladder {ladder(s)}. Teacher: GPT-2 {s['teacher']}, trained for "
             f"{s['teacher_steps']} steps: test ppl {teacher_ppl:.2f}.",
         ]
+        if s["grow"]:
+            self.lines.append(self._pre_trained_student(base_results[1], blocks, models / "student"))
         self.lines += [
             f"- Budget per run: {s['steps']} steps x {s['batch']} x {s['block']} = {tokens:,} tokens "
             f"({tokens / blocks[train_split].numel():.2f} epochs of the {train_split} split); AdamW (weight decay "
@@ -754,9 +753,9 @@ class Report:
             "",
         ]
 
-    def pre_trained_student(self, result: dict, blocks: dict, saved: Path) -> None:
-        """The pre-trained student's line (settings with `grow`), placed before the budget's; with the plateau rule,
-        also its perplexity on its own pre-training blocks: how much of its plateau is memorised text."""
+    def _pre_trained_student(self, result: dict, blocks: dict, saved: Path) -> str:
+        """The pre-trained student's line (settings with `grow`); with the plateau rule, also its perplexity on its
+        own pre-training blocks: how much of its plateau is memorised text."""
         s = self.setting
         steps = result.get("steps_run", s["pretrain_steps"])
         until, fit = "", ""
@@ -767,12 +766,12 @@ class Report:
                 f"{PLATEAU['factor']} at each; at most {s['pretrain_steps']} steps)"
             )
             fit = f"; on the first {TEST_BLOCKS} of its own pre-training blocks {_saved_model_ppl(saved, blocks):.2f}"
-        self.lines.insert(-2, (
+        return (
             f"- Pre-trained student: CE for {steps} steps on the pre-training documents{until}, "
             f"{steps * s['batch'] / len(blocks['pretrain']):.1f} epochs: test ppl "
             f"{next(iter(result['test_ppl'].values())):.2f}{fit}. Every arm starts from it (grown into wider models "
             "with `from_gpt2`) and continues on the continuation documents."
-        ))  # fmt: skip
+        )
 
     def tuning(self, name, settings, results, width, best):
         keys = list(settings[0])
