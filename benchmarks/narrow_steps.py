@@ -1,16 +1,19 @@
 """The wide end of the narrow setting: can MatTA's TA reach KD alone at its width (3 % or closer) at the tuned step?
 
     .venv/bin/python benchmarks/quality.py --setting narrow     # first: its data and teacher (and its tables)
-    .venv/bin/python benchmarks/narrow_steps.py                 # then these runs (about 75 min on 2 cores)
+    .venv/bin/python benchmarks/narrow_steps.py                 # then these runs (about 2 h on 2 cores)
 
 quality.py's tuned MatTA (learning rate 4e-3, the FFN neurons beyond the student's width at twice that step,
 `ta_neuron_lr_scale=2`) ends with its TA 3.3 % above KD alone at the TA's width, its one missed goal at the wide end.
 KD alone's best step grows with the width (quality.py's tuning: 2e-3 at FFN 32, 4e-3 at 280 and 528, 8e-3 at 776
-and 1024). Three ways to give the wide end more, each with its Mix'n'Match family:
+and 1024). Four ways to give the wide end more, each with its Mix'n'Match family:
 1. every parameter at KD alone's step for the TA's width (8e-3; the TA-only neurons then at 1.6e-2);
 2. the TA's term weighted 2 (`ta_weight=2`), at the tuned step: the shared weights follow the TA more;
 3. each part at KD alone's step for its width: 2e-3 for the student and the shared weights, x 4 (8e-3) for the
-   TA-only neurons.
+   TA-only neurons;
+4. the TA's term weighted 1.5, between the default and 2;
+and one for the members between student and TA, which the default trains one per step (`extra_widths="sample"`):
+5. every width between trained every step (`extra_widths="all"`): as many steps for each member as KD alone takes.
 Every run against KD alone at every ladder width and the same seed, each at its own tuned step (re-run here); the
 family's geometric mean perplexity on the tune split decides whether a variant would replace quality.py's default,
 as in `narrow_probes.py`.
@@ -23,7 +26,7 @@ import sys
 import time
 
 from narrow_probes import _families, _lower_in_every_seed, _over_seeds, open_narrow
-from quality import ladder, trials
+from quality import ladder, step_flops, trials
 
 from hf_matta.pipeline.report import provenance, write_section
 
@@ -37,6 +40,9 @@ VARIANTS = {  # changes to the tuned MatTA, and the seeds each runs (fewer where
     "every parameter at 8e-3 (TA-only neurons x 2)": (dict(learning_rate=8e-3), (0, 1)),
     "the TA's term weighted 2": (dict(ta_weight=2.0), SEEDS),
     "2e-3, TA-only neurons x 4 (8e-3)": (dict(learning_rate=2e-3, ta_neuron_lr_scale=4.0), (0,)),
+    "the TA's term weighted 1.5": (dict(ta_weight=1.5), SEEDS),
+    "every width between trained every step": (dict(extra_widths="all"), SEEDS),
+    "every width every step, the TA's term weighted 2": (dict(extra_widths="all", ta_weight=2.0), SEEDS),
 }
 
 
@@ -87,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
             else "No variant's family is lower than the tuned MatTA's in every seed it ran: the default stays."
         ),
         "",
+        "Training FLOPs (`quality.step_flops`) against the tuned MatTA's: "
+        + "; ".join(f"{name}: {ratio:.2f} x" for name, ratio in _flop_ratios(setting, variants).items())
+        + ".",
+        "",
         "### Mix'n'Match families against the KD-alone curve",
         "",
         "The worst member of each seed against the curve through KD alone's sizes at the same seed (log-linear "
@@ -97,6 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     write_section(args.out, "narrow_steps", text)
     print(text)
+
+
+def _flop_ratios(setting: dict, variants: dict) -> dict[str, float]:
+    """Each variant's training FLOPs as a multiple of the tuned MatTA's (the one that differs: every width trained
+    every step instead of one sampled)."""
+    flops = {name: step_flops(setting, "matta", hp, setting["steps"]) for name, (hp, _) in variants.items()}
+    return {name: value / flops[TUNED] for name, value in flops.items() if name != TUNED}
 
 
 if __name__ == "__main__":
