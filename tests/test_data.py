@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from hf_matta import data
 from hf_matta.data import (
     DataArguments,
+    _linux_docs,
     _python_docs,
     check_block_size,
     load_corpus,
@@ -209,3 +210,16 @@ def test_python_docs_reads_every_source_in_path_order(tmp_path):
     assert _python_docs(tmp_path) == ["Glossary\n========", ":mod:`os` --- Miscellaneous operating system interfaces"]
     with pytest.raises(FileNotFoundError, match=r"apt-get install python3\.\d+-doc"):
         _python_docs(tmp_path / "missing")
+
+
+def test_linux_docs_reads_the_newest_kernel_version_without_translations(tmp_path):
+    for version in ("6.9", "6.10"):
+        sources = tmp_path / f"linux-doc-{version}" / "html" / "_sources"
+        (sources / "translations" / "zh_CN").mkdir(parents=True)
+        (sources / "translations" / "zh_CN" / "index.rst.txt").write_text("中文翻译")
+        (sources / "admin-guide").mkdir()
+        (sources / "admin-guide" / "sysctl.rst.txt").write_text(f"sysctl, kernel {version}")
+        (sources / "index.rst.txt").write_text(f"The Linux Kernel documentation, {version}")
+    assert _linux_docs(tmp_path) == ["sysctl, kernel 6.10", "The Linux Kernel documentation, 6.10"]
+    with pytest.raises(FileNotFoundError, match=r"apt-get install linux-doc-6\.1"):
+        _linux_docs(tmp_path / "missing")
