@@ -13,7 +13,8 @@ and 1024). Four ways to give the wide end more, each with its Mix'n'Match family
    TA-only neurons;
 4. the TA's term weighted 1.5, between the default and 2;
 and one for the members between student and TA, which the default trains one per step (`extra_widths="sample"`):
-5. every width between trained every step (`extra_widths="all"`): as many steps for each member as KD alone takes.
+5. every width between trained every step (`extra_widths="all"`): as many steps for each member as KD alone takes;
+6. both: every width every step with the TA's term weighted 2.
 Every run against KD alone at every ladder width and the same seed, each at its own tuned step (re-run here); the
 family's geometric mean perplexity on the tune split decides whether a variant would replace quality.py's default,
 as in `narrow_probes.py`.
