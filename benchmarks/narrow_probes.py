@@ -30,13 +30,14 @@ Writes a section of benchmarks/RESULTS.md; runs are cached under `--work`, like 
 """
 
 import argparse
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from quality import SETTINGS, Runner, _mean_std, _model_config, against_curve, ladder, monotone, trials, tune
+from quality import (
+    SETTINGS, Runner, _mean_std, _model_config, against_curve, family_ppl, ladder, monotone, trials, tune,
+)  # fmt: skip
 
 from hf_matta.pipeline.report import provenance, write_section
 from hf_matta.widths import count_parameters
@@ -288,7 +289,7 @@ def _over_seeds(variants: dict, matta: dict, alone: dict, widths: list[int], ref
         runs = [matta[name, seed]["test_ppl"] for seed in seeds]
         kd_alone = [{w: alone[w, seed]["test_ppl"][str(w)] for w in widths} for seed in seeds]
         falling = sum(all(ppl[str(b)] < ppl[str(a)] for a, b in zip(widths, widths[1:])) for ppl in runs)
-        family = [_family(matta[name, seed]["tune_ppl"]) for seed in seeds]
+        family = [family_ppl(matta[name, seed]["tune_ppl"]) for seed in seeds]
         below = "-" if name == reference else f"{_below(matta, name, reference, seeds)} of {len(seeds)}"
         members = [_ratio([ppl[str(w)] for ppl in runs], [kd[w] for kd in kd_alone]) for w in widths[1:]]
         rows.append(
@@ -332,12 +333,7 @@ def _lower_in_every_seed(variants: dict, matta: dict, reference: str) -> list[st
 
 def _below(matta: dict, name: str, reference: str, seeds) -> int:
     """In how many of `seeds` the family of `name` is lower on the tune split than the family of `reference`."""
-    return sum(_family(matta[name, s]["tune_ppl"]) < _family(matta[reference, s]["tune_ppl"]) for s in seeds)
-
-
-def _family(ppl: dict[str, float]) -> float:
-    """The geometric mean perplexity of a family's members."""
-    return math.exp(statistics.mean(math.log(value) for value in ppl.values()))
+    return sum(family_ppl(matta[name, s]["tune_ppl"]) < family_ppl(matta[reference, s]["tune_ppl"]) for s in seeds)
 
 
 def _ratio(values: list[float], baselines: list[float]) -> float:

@@ -7,9 +7,11 @@ distilled from the teacher alone? Every claim is decided by the script, over see
     .venv/bin/python benchmarks/quality.py --setting capacity      # the paper's setting in miniature (hours)
     .venv/bin/python benchmarks/quality.py --setting narrow        # capacity bound from scratch (about 2 h)
     .venv/bin/python benchmarks/quality.py --setting grown         # narrow's widths, grown from a plateau (1.5 h)
+    apt-get install linux-doc-6.1                                  # once: grown_linux's corpus
+    .venv/bin/python benchmarks/quality.py --setting grown_linux   # grown, on 2.3 x the text (hours)
     .venv/bin/python benchmarks/quality.py --steps 100 --trials 2 --seeds 1 --out /tmp/q.md   # a quick look
 
-Four settings (`SETTINGS`):
+Five settings (`SETTINGS`):
 - `smallest`, from scratch on `pydoc_data.topics` (Python's own help() text, 0.13 M training tokens): about 0.6
   tokens per parameter, so no model is short of capacity; it is fast, and shows what MatTA does to a student that
   is short of data.
@@ -31,6 +33,12 @@ Four settings (`SETTINGS`):
   it lacks instead), then grown into the TA of FFN 1024 and continued as in `capacity`. Five trials per arm over the
   learning rate; MatTA at gpt2m.yaml's grown schedule (every term on, the distillation term ramped in over 10 %) with
   `narrow`'s extra widths and TA-only step.
+- `grown_linux`, `grown` on the Linux kernel's documentation (`linux-docs`, `apt-get install linux-doc-6.1`, 9.8 M
+  tokens, 2.3 x python-docs), where the plateaued student has not learnt its text by heart and a model of the TA's
+  width trained alone is 27 % lower: capacity binds. The teacher is a model of the TA's shape trained to its own
+  plateau (`teacher_until_plateau`); every arm continues for 3000 steps (2 epochs of the continuation split: 600 were
+  too few for the new neurons). Three trials per arm: CE and KD over the learning rate, MatTA over the TA-only
+  neurons' step (2, 4, 8 x its own), chosen by its family's tune-split perplexity (`choose_matta_by="family"`).
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
@@ -41,8 +49,9 @@ setting gets the same tokens and schedule: linear warm-up over 10 % of the steps
 3. Tuning, the same number of trials per arm (`--trials`; the first is the arm's defaults, the others distinct random
    draws from its grid): CE: learning rate. KD: learning rate, gamma, tau_T. MatTA: from KD's best learning rate, gamma
    and tau_T, its own knobs: the TA-first phase, the student's ramp, w_A, w_D, tau_D, detach, and whether the widths
-   between student and TA train. Chosen by the student's tune-split perplexity at seed 0. With `tune_each_size`
-   (`smallest`, `narrow`, `grown`), KD alone at every wider size of the ladder gets KD's trials too, chosen by its own
+   between student and TA train. Chosen by the student's tune-split perplexity at seed 0 (MatTA's, with
+   `choose_matta_by="family"`, by its family's: the geometric mean over the ladder's widths). With `tune_each_size`
+   (every setting but `capacity`), KD alone at every wider size of the ladder gets KD's trials too, chosen by its own
    tune-split perplexity; in `capacity` (not re-run since) it takes the student's choice.
 4. Seeds (`--seeds`): CE and KD students, MatTA, KD-alone models at every size of the Mix'n'Match ladder (student,
    three in between, TA), KD at MatTA's FLOPs, and the {KD, MatTA} x {AdamW, Shampoo} 2 x 2 (Shampoo's learning
@@ -164,6 +173,32 @@ SETTINGS = {
         # and four, KD alone at the TA's width chose the grid's top); MatTA at GROWN_MATTA (a grown TA starts equal to
         # its student: nothing to hold the student's terms back for)
         grids=_learning_rate_grids(**GROWN_MATTA),
+        defaults=dict(matta=GROWN_MATTA),
+    ),
+    # The grown setting on a corpus 2.3 x larger, `linux-docs` (9.8 M tokens; `apt-get install linux-doc-6.1`), on
+    # which the plateaued student has not learnt its pre-training text by heart (20.77 on it against 22.72 test, seed
+    # 0; python-docs: 13.13 against 20.48) and a model of the TA's width trained alone to its own plateau is 27 % lower
+    # (16.52): width binds. Explored at seed 0 before it was a setting (RESULTS.md, the grown setting's reading):
+    # - 600 continued steps are too few for the grown TA's new neurons (CE at FFN 1024, best of 4 steps: 2 % below the
+    #   student); 3000 (2 epochs of the continuation split) are enough (17.65 against 22.11, 20 %);
+    # - the grown setting's teacher (4 x 128, 4000 steps) ends at 23.77, behind the plateaued student: the teacher here
+    #   is a model of the TA's shape trained to its plateau, as the student was;
+    # - MatTA (no teacher, the TA-only neurons at 2 x the step) left the TA 15.8 % below its student at 1e-3, 5.8 %
+    #   above the CE model of its width at 4e-3: the TA-only neurons' step is MatTA's knob here, tuned over 2, 4 and
+    #   8 x the student's, and the trial is chosen by the family's tune-split perplexity, not the student's alone (a
+    #   grown student hardly moves with it; the family is what Mix'n'Match publishes).
+    # Three trials per arm (a 3000-step run is 5-27 min on one core: 4.7 h of runs for seed 0's tuning alone).
+    "grown_linux": dict(
+        corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=3000, n_layer=2, n_embd=128,
+        n_head=4, student_ffn=32, ta_ffn=1024, teacher="n_layer=2,n_embd=128,n_head=4,n_inner=1024",
+        teacher_steps=20000, teacher_until_plateau=True, pretrain_steps=20000, pretrain_until_plateau=True,
+        continue_fraction=1 / 3, trials=3, seeds=3, shampoo_block=128, grow=True, sharing_ablation=False,
+        shampoo=False, ladder_steps=4, tune_each_size=True, choose_matta_by="family",
+        grids=dict(
+            ce=dict(learning_rate=[1e-3, 2e-3, 4e-3]),
+            kd=dict(learning_rate=[1e-3, 2e-3, 4e-3], teacher_weight=[0.5], teacher_temperature=[1.0]),
+            matta={**{knob: [value] for knob, value in GROWN_MATTA.items()}, "ta_neuron_lr_scale": [2.0, 4.0, 8.0]},
+        ),
         defaults=dict(matta=GROWN_MATTA),
     ),
 }  # fmt: skip
@@ -433,12 +468,14 @@ class Runner:
         return run
 
     def teacher_spec(self) -> dict:
-        """The teacher's run: a wider GPT-2 trained with CE on the (pre-)training blocks, saved as `teacher`."""
-        shape = _teacher_shape(self.setting)
+        """The teacher's run: a wider GPT-2 trained with CE on the (pre-)training blocks, saved as `teacher`; with
+        `teacher_until_plateau`, until its tune loss plateaus (`PLATEAU`, at most `teacher_steps`)."""
+        shape, ffn = _teacher_shape(self.setting)
         split = "pretrain" if self.setting["grow"] else "train"
         return self.spec(
-            "ce", {"learning_rate": 2e-3}, widths=[4 * shape["n_embd"]], shape=shape, split=split, init=None,
+            "ce", {"learning_rate": 2e-3}, widths=[ffn], shape=shape, split=split, init=None,
             steps=self.setting["teacher_steps"], save="teacher",
+            **({"plateau": True} if self.setting.get("teacher_until_plateau") else {}),
         )  # fmt: skip
 
     def run_all(self, runs: list[dict]) -> list[dict]:
@@ -494,15 +531,23 @@ def _best(settings: list[dict], results: list[dict], width: int) -> dict:
     return settings[min(range(len(settings)), key=lambda i: results[i]["tune_ppl"][str(width)])]
 
 
+def family_ppl(ppl: dict[str, float]) -> float:
+    """A family's perplexity: the geometric mean of its members' (a nested run's `tune_ppl`, one per width)."""
+    return math.exp(statistics.mean(math.log(value) for value in ppl.values()))
+
+
 def _shape(setting: dict) -> dict:
     """The student's shape: the keys `_model_config` reads."""
     return {key: setting[key] for key in ("n_layer", "n_embd", "n_head", "vocab", "block")}
 
 
-def _teacher_shape(setting: dict) -> dict:
-    """The teacher's shape: the student's, with the setting's `teacher` overrides (`n_layer=4,n_embd=128,...`)."""
-    overrides = (pair.split("=") for pair in setting["teacher"].split(","))
-    return {**_shape(setting), **{key: int(value) for key, value in overrides}}
+def _teacher_shape(setting: dict) -> tuple[dict, int]:
+    """The teacher's shape, the student's with the setting's `teacher` overrides (`n_layer=4,n_embd=128,...`), and
+    its FFN width: `n_inner` among the overrides, else 4 x n_embd."""
+    overrides = {key: int(value) for key, value in (pair.split("=") for pair in setting["teacher"].split(","))}
+    ffn = overrides.pop("n_inner", None)
+    shape = {**_shape(setting), **overrides}
+    return shape, ffn or 4 * shape["n_embd"]
 
 
 def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
@@ -516,8 +561,7 @@ def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
     def forward(shape: dict, width: int) -> int:
         return count_flops_per_token(_model_config(shape, [width]), seq_len=setting["block"]) * tokens
 
-    teacher_shape = _teacher_shape(setting)
-    teacher = forward(teacher_shape, 4 * teacher_shape["n_embd"]) if hp.get("teacher_weight", 0) > 0 else 0
+    teacher = forward(*_teacher_shape(setting)) if hp.get("teacher_weight", 0) > 0 else 0
     if kind != "matta":
         return steps * (3 * forward(shape, setting["student_ffn"]) + teacher)
     widths = ladder(setting)
@@ -571,16 +615,20 @@ def tune(setting: dict, runner: Runner) -> Tuned:
     kd_results = runner.run_all([runner.spec("kd", hp) for hp in kd_trials])
     best_ce, best_kd = _best(ce_trials, ce_results, S), _best(kd_trials, kd_results, S)
     wider = sizes[1:] if setting.get("tune_each_size") else []
-    if wider:
-        print("stage 2b: KD trials at every wider size of the ladder", flush=True)
-    size_results = runner.run_all([runner.spec("kd", hp, widths=[w]) for w in wider for hp in kd_trials])
+    print("stage 3: MatTA trials (from KD's best learning rate, gamma, tau_T)"
+          + (", KD trials at every wider size of the ladder" if wider else ""), flush=True)  # fmt: skip
+    matta_trials = trials(setting, "matta", setting["trials"], base=best_kd)
+    # with Mix'n'Match, so that the chosen trial is also stage 5's seed-0 run (one run, not two); one batch with
+    # KD's sizes, which do not depend on them, so that no worker waits
+    matta_runs = [runner.spec("matta", hp, mix_n_match=True) for hp in matta_trials]
+    both = runner.run_all(matta_runs + [runner.spec("kd", hp, widths=[w]) for w in wider for hp in kd_trials])
+    matta_results, size_results = both[: len(matta_runs)], both[len(matta_runs) :]
     size_trials = {w: size_results[i * len(kd_trials) : (i + 1) * len(kd_trials)] for i, w in enumerate(wider)}
     best_kd_at = {w: best_kd for w in sizes} | {w: _best(kd_trials, got, w) for w, got in size_trials.items()}
-    print("stage 3: MatTA trials (from KD's best learning rate, gamma, tau_T)", flush=True)
-    matta_trials = trials(setting, "matta", setting["trials"], base=best_kd)
-    # with Mix'n'Match, so that the chosen trial is also stage 5's seed-0 run (one run, not two)
-    matta_results = runner.run_all([runner.spec("matta", hp, mix_n_match=True) for hp in matta_trials])
-    best_matta = _best(matta_trials, matta_results, S)
+    if setting.get("choose_matta_by") == "family":
+        best_matta = matta_trials[min(range(len(matta_trials)), key=lambda i: family_ppl(matta_results[i]["tune_ppl"]))]
+    else:
+        best_matta = _best(matta_trials, matta_results, S)
     return Tuned(
         base=base_results,
         trials={"ce": (ce_trials, ce_results), "kd": (kd_trials, kd_results), "matta": (matta_trials, matta_results)},
@@ -660,7 +708,8 @@ def main(argv: list[str] | None = None) -> None:
 
     report = Report(setting, args, blocks, documents, base_results, elapsed, run_minutes, work / "models")
     for arm, name in (("ce", "CE alone"), ("kd", "KD"), ("matta", "MatTA")):
-        report.tuning(name, *tuned.trials[arm], S, tuned.best[arm])
+        by_family = arm == "matta" and setting.get("choose_matta_by") == "family"
+        report.tuning(name, *tuned.trials[arm], S, tuned.best[arm], by_family)
         if arm == "kd" and tuned.kd_sizes:
             report.tuning_by_size(tuned.trials["kd"][0], tuned.kd_sizes, tuned.best_kd_at)
     report.main_table(results, S, A, flop_steps)
@@ -742,7 +791,9 @@ class Report:
             f"test blocks ({min(TEST_BLOCKS, len(blocks['test'])) * s['block']:,} tokens).",
             f"- Student: {s['n_layer']} layers x {s['n_embd']}, {s['n_head']} heads, FFN {s['student_ffn']}; TA: FFN "
             f"{s['ta_ffn']}; Mix'n'Match ladder {ladder(s)}. Teacher: GPT-2 {s['teacher']}, trained for "
-            f"{s['teacher_steps']} steps: test ppl {teacher_ppl:.2f}.",
+            f"{teacher.get('steps_run', s['teacher_steps'])} steps"
+            + (" (until its tune loss plateaued, as the student's pre-training)" if s.get("teacher_until_plateau") else "")
+            + f": test ppl {teacher_ppl:.2f}.",
         ]
         if s["grow"]:
             self.lines.append(self._pre_trained_student(base_results[1], blocks, models / "student"))
@@ -773,14 +824,18 @@ class Report:
             "with `from_gpt2`) and continues on the continuation documents."
         )
 
-    def tuning(self, name, settings, results, width, best):
+    def tuning(self, name, settings, results, width, best, by_family=False):
+        """An arm's trials and their tune-split perplexity (the student's; with `by_family`, the family's too, which
+        chose)."""
         keys = list(settings[0])
-        self.lines += [f"### Tuning: {name} ({len(settings)} trials, seed 0, student tune-split ppl)", ""]
-        self.lines += ["| " + " | ".join(keys) + " | tune ppl | |", "|" + "---|" * (len(keys) + 2)]
+        chosen_by = "family (geometric mean of the ladder's widths)" if by_family else "student"
+        self.lines += [f"### Tuning: {name} ({len(settings)} trials, seed 0, {chosen_by} tune-split ppl)", ""]
+        columns = ["tune ppl", *(["family tune ppl"] if by_family else []), ""]
+        self.lines += ["| " + " | ".join(keys + columns) + " |", "|" + "---|" * (len(keys) + len(columns))]
         for hp, result in zip(settings, results):
-            mark = "chosen" if hp == best else ""
-            row = " | ".join(str(hp[k]) for k in keys)
-            self.lines.append(f"| {row} | {result['tune_ppl'][str(width)]:.2f} | {mark} |")
+            cells = [*(str(hp[k]) for k in keys), f"{result['tune_ppl'][str(width)]:.2f}"]
+            cells += [f"{family_ppl(result['tune_ppl']):.2f}"] if by_family else []
+            self.lines.append("| " + " | ".join([*cells, "chosen" if hp == best else ""]) + " |")
         self.lines.append("")
 
     def tuning_by_size(self, settings, results_by_size, best_by_size):
