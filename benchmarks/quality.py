@@ -626,7 +626,8 @@ def tune(setting: dict, runner: Runner) -> Tuned:
     size_trials = {w: size_results[i * len(kd_trials) : (i + 1) * len(kd_trials)] for i, w in enumerate(wider)}
     best_kd_at = {w: best_kd for w in sizes} | {w: _best(kd_trials, got, w) for w, got in size_trials.items()}
     if setting.get("choose_matta_by") == "family":
-        best_matta = matta_trials[min(range(len(matta_trials)), key=lambda i: family_ppl(matta_results[i]["tune_ppl"]))]
+        family = [family_ppl(result["tune_ppl"]) for result in matta_results]
+        best_matta = matta_trials[family.index(min(family))]
     else:
         best_matta = _best(matta_trials, matta_results, S)
     return Tuned(
@@ -792,7 +793,7 @@ class Report:
             f"- Student: {s['n_layer']} layers x {s['n_embd']}, {s['n_head']} heads, FFN {s['student_ffn']}; TA: FFN "
             f"{s['ta_ffn']}; Mix'n'Match ladder {ladder(s)}. Teacher: GPT-2 {s['teacher']}, trained for "
             f"{teacher.get('steps_run', s['teacher_steps'])} steps"
-            + (" (until its tune loss plateaued, as the student's pre-training)" if s.get("teacher_until_plateau") else "")
+            + (" (until its tune loss plateaued, as the student's)" if s.get("teacher_until_plateau") else "")
             + f": test ppl {teacher_ppl:.2f}.",
         ]
         if s["grow"]:
