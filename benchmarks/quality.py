@@ -77,7 +77,7 @@ import random
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -479,20 +479,22 @@ class Runner:
         )  # fmt: skip
 
     def run_all(self, runs: list[dict]) -> list[dict]:
-        """Results of `runs`, from the cache or computed in parallel; printed as they finish."""
+        """Results of `runs`, from the cache or computed in parallel; cached and printed as each finishes (an
+        interrupted benchmark loses only the runs in flight)."""
         results: dict[str, dict] = {}
-        pending = {}
+        pending, submitted = {}, set()  # future -> run; the keys submitted
         for run in runs:
             path = self.work / "runs" / f"{run['key']}.json"
             if path.is_file():
                 results[run["key"]] = json.loads(path.read_text())
-            elif run["key"] not in pending:
-                pending[run["key"]] = (run, self.pool.submit(train_run, run))
-        for key, (run, future) in pending.items():
-            result = future.result()
-            (self.work / "runs" / f"{key}.json").write_text(json.dumps(result, indent=1))
-            results[key] = result
-            print(f"  {key:<22} {run['optimizer']:<7} seed {run['seed']} {json.dumps(run['hp'])} -> "
+            elif run["key"] not in submitted:
+                pending[self.pool.submit(train_run, run)] = run
+                submitted.add(run["key"])
+        for future in as_completed(pending):
+            run, result = pending[future], future.result()
+            (self.work / "runs" / f"{run['key']}.json").write_text(json.dumps(result, indent=1))
+            results[run["key"]] = result
+            print(f"  {run['key']:<22} {run['optimizer']:<7} seed {run['seed']} {json.dumps(run['hp'])} -> "
                   f"test ppl {json.dumps({k: round(v, 2) for k, v in result['test_ppl'].items()})} "
                   f"({result['seconds']:.0f} s)", flush=True)  # fmt: skip
         return [results[run["key"]] for run in runs]
