@@ -37,8 +37,9 @@ Five settings (`SETTINGS`):
   tokens, 2.3 x python-docs), where the plateaued student has not learnt its text by heart and a model of the TA's
   width trained alone is 27 % lower: capacity binds. The teacher is a model of the TA's shape trained to its own
   plateau (`teacher_until_plateau`); every arm continues for 3000 steps (2 epochs of the continuation split: 600 were
-  too few for the new neurons). Three trials per arm: CE and KD over the learning rate, MatTA over the TA-only
-  neurons' step (1, 2, 4 x its own), chosen by its family's tune-split perplexity (`choose_matta_by="family"`).
+  too few for the new neurons). Four trials per arm: CE and KD over the learning rate (2e-3 to 1.6e-2), MatTA over its
+  step (4e-3, 8e-3) and the TA-only neurons' (1 or 2 x), chosen by its family's tune-split perplexity
+  (`choose_matta_by="family"`).
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
@@ -184,21 +185,25 @@ SETTINGS = {
     # - the grown setting's teacher (4 x 128, 4000 steps) ends at 23.77, behind the plateaued student: the teacher here
     #   is a model of the TA's shape trained to its plateau, as the student was;
     # - MatTA (no teacher, the TA-only neurons at 2 x the step) left the TA 15.8 % below its student at 1e-3, 5.8 %
-    #   above the CE model of its width at 4e-3: the TA-only neurons' step is MatTA's knob here, tuned over 1, 2 and
-    #   4 x the student's, and the trial is chosen by the family's tune-split perplexity, not the student's alone (a
-    #   grown student hardly moves with it; the family is what Mix'n'Match publishes).
-    # Three trials per arm (a 3000-step run is 5-27 min on one core: 4.7 h of runs for seed 0's tuning alone), over
-    # 2e-3, 4e-3 and 8e-3: the first grid, 1e-3 to 4e-3, put KD's student at its top (test 21.50, 21.19, 20.99).
+    #   above the CE model of its width at 4e-3: MatTA is tuned over its step and the TA-only neurons' (1 or 2 x), and
+    #   the trial is chosen by the family's tune-split perplexity, not the student's alone (a grown student hardly
+    #   moves with either; the family is what Mix'n'Match publishes).
+    # Four trials per arm (a 3000-step run is 5-32 min on one core). The grid moved up twice, each time as soon as a
+    # best step sat at its top: 1e-3 to 4e-3 for KD's student (test 21.50, 21.19, 20.99), then 2e-3 to 8e-3 for KD
+    # alone at FFN 280 (18.97 at 2e-3, 18.05 at 8e-3).
     "grown_linux": dict(
         corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=3000, n_layer=2, n_embd=128,
         n_head=4, student_ffn=32, ta_ffn=1024, teacher="n_layer=2,n_embd=128,n_head=4,n_inner=1024",
         teacher_steps=20000, teacher_until_plateau=True, pretrain_steps=20000, pretrain_until_plateau=True,
-        continue_fraction=1 / 3, trials=3, seeds=3, shampoo_block=128, grow=True, sharing_ablation=False,
+        continue_fraction=1 / 3, trials=4, seeds=3, shampoo_block=128, grow=True, sharing_ablation=False,
         shampoo=False, ladder_steps=4, tune_each_size=True, choose_matta_by="family",
         grids=dict(
-            ce=dict(learning_rate=[2e-3, 4e-3, 8e-3]),
-            kd=dict(learning_rate=[2e-3, 4e-3, 8e-3], teacher_weight=[0.5], teacher_temperature=[1.0]),
-            matta={**{knob: [value] for knob, value in GROWN_MATTA.items()}, "ta_neuron_lr_scale": [1.0, 2.0, 4.0]},
+            ce=dict(learning_rate=[2e-3, 4e-3, 8e-3, 1.6e-2]),
+            kd=dict(learning_rate=[2e-3, 4e-3, 8e-3, 1.6e-2], teacher_weight=[0.5], teacher_temperature=[1.0]),
+            matta={
+                **{knob: [value] for knob, value in GROWN_MATTA.items()},
+                "learning_rate": [4e-3, 8e-3], "ta_neuron_lr_scale": [1.0, 2.0],
+            },
         ),
         defaults=dict(matta=GROWN_MATTA),
     ),
