@@ -36,10 +36,10 @@ Five settings (`SETTINGS`):
 - `grown_linux`, `grown` on the Linux kernel's documentation (`linux-docs`, `apt-get install linux-doc-6.1`, 9.8 M
   tokens, 2.3 x python-docs), where the plateaued student has not learnt its text by heart and a model of the TA's
   width trained alone is 27 % lower: capacity binds. The teacher is a model of the TA's shape trained to its own
-  plateau (`teacher_until_plateau`); every arm continues for 3000 steps (2 epochs of the continuation split: 600 were
-  too few for the new neurons). Four trials per arm: CE and KD over the learning rate (2e-3 to 1.6e-2), MatTA over its
-  step (4e-3, 8e-3) and the TA-only neurons' (1 or 2 x), chosen by its family's tune-split perplexity
-  (`choose_matta_by="family"`).
+  plateau (`teacher_until_plateau`); every arm continues for 1000 steps (2 M tokens, none seen twice; 3000 steps with
+  four trials per arm take over six hours on two cores), two trials per arm at the two best steps of a 3000-step
+  tuning at seed 0: CE 2e-3 and 4e-3, KD 4e-3 and 8e-3 at every size, MatTA 4e-3 and 8e-3 with the TA-only neurons
+  at its step, chosen by its family's tune-split perplexity (`choose_matta_by="family"`).
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
@@ -70,6 +70,7 @@ from them, the date, commit, machine and exact command into `--out` (benchmarks/
 """
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -77,8 +78,9 @@ import math
 import random
 import statistics
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -109,6 +111,7 @@ GROWN_MATTA = dict(
     ta_first_steps=0.0, student_warmup_steps=0.0, distill_warmup_steps=0.1, ta_weight=1.0, distill_weight=1.0,
     distill_temperature=1.0, detach_ta_targets=True, extra_widths="sample", ta_neuron_lr_scale=2.0,
 )
+GROWN_MATTA_X1 = {**GROWN_MATTA, "ta_neuron_lr_scale": 1.0}  # grown_linux's: the TA-only neurons at MatTA's step
 SETTINGS = {
     "smallest": dict(
         corpus="pydoc_data.topics", held_out=20, vocab=1024, block=64, batch=8, steps=250, n_layer=4, n_embd=64,
@@ -188,24 +191,26 @@ SETTINGS = {
     #   above the CE model of its width at 4e-3: MatTA is tuned over its step and the TA-only neurons' (1 or 2 x), and
     #   the trial is chosen by the family's tune-split perplexity, not the student's alone (a grown student hardly
     #   moves with either; the family is what Mix'n'Match publishes).
-    # Four trials per arm (a 3000-step run is 5-32 min on one core). The grid moved up twice, each time as soon as a
-    # best step sat at its top: 1e-3 to 4e-3 for KD's student (test 21.50, 21.19, 20.99), then 2e-3 to 8e-3 for KD
-    # alone at FFN 280 (18.97 at 2e-3, 18.05 at 8e-3).
+    # Tuned at seed 0 over 3000 continued steps in session 12 (RESULTS.md, "seed 0's trials so far"): CE's student
+    # chose 2e-3 (of 1e-3 to 1.6e-2), KD's 4e-3 (8e-3 tied on the tune split), KD alone at FFN 280 8e-3 (4e-3 within
+    # 0.3 %), MatTA x 1 for the TA-only neurons (its family 20.11 on the tune split against 20.66 at x 2). At 3000 steps
+    # the full benchmark (four trials per arm, KD tuned at five sizes, three seeds, KD at MatTA's FLOPs) is about 12
+    # process-hours (session 12's run times), over six on two cores: more than a working session, and its cache does not outlive one. So every arm
+    # continues for 1000 steps (2 M tokens, two thirds of the continuation split: no block seen twice) with two trials
+    # per arm, each arm's two best steps from that tuning (KD's at every size), and the whole run is about two hours.
+    # `--steps 3000` runs the longer continuation with the same grids.
     "grown_linux": dict(
-        corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=3000, n_layer=2, n_embd=128,
+        corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=1000, n_layer=2, n_embd=128,
         n_head=4, student_ffn=32, ta_ffn=1024, teacher="n_layer=2,n_embd=128,n_head=4,n_inner=1024",
         teacher_steps=20000, teacher_until_plateau=True, pretrain_steps=20000, pretrain_until_plateau=True,
-        continue_fraction=1 / 3, trials=4, seeds=3, shampoo_block=128, grow=True, sharing_ablation=False,
+        continue_fraction=1 / 3, trials=2, seeds=3, shampoo_block=128, grow=True, sharing_ablation=False,
         shampoo=False, ladder_steps=4, tune_each_size=True, choose_matta_by="family",
         grids=dict(
-            ce=dict(learning_rate=[2e-3, 4e-3, 8e-3, 1.6e-2]),
-            kd=dict(learning_rate=[2e-3, 4e-3, 8e-3, 1.6e-2], teacher_weight=[0.5], teacher_temperature=[1.0]),
-            matta={
-                **{knob: [value] for knob, value in GROWN_MATTA.items()},
-                "learning_rate": [4e-3, 8e-3], "ta_neuron_lr_scale": [1.0, 2.0],
-            },
+            ce=dict(learning_rate=[2e-3, 4e-3]),
+            kd=dict(learning_rate=[4e-3, 8e-3], teacher_weight=[0.5], teacher_temperature=[1.0]),
+            matta={**{knob: [value] for knob, value in GROWN_MATTA_X1.items()}, "learning_rate": [4e-3, 8e-3]},
         ),
-        defaults=dict(matta=GROWN_MATTA),
+        defaults=dict(kd=dict(learning_rate=4e-3), matta=GROWN_MATTA_X1),
     ),
 }  # fmt: skip
 # "Until its tune loss plateaus": evaluated on the first PLATEAU_BLOCKS tune blocks every `eval_steps`; an evaluation
@@ -452,6 +457,8 @@ class Runner:
         self.base = dict(data=str(data), work=str(work), threads=threads, batch=setting["batch"])
         (work / "runs").mkdir(parents=True, exist_ok=True)
         self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+        self.futures: dict[str, Future] = {}  # by run key: every run started
+        self.saved, self.lock = set(), threading.Lock()  # the keys cached by this runner
 
     def spec(self, kind: str, hp: dict, seed: int = 0, optimizer: str = "adamw", **extra) -> dict:
         """A run description; `key` hashes everything that changes its result (a trainer field added later, at the
@@ -484,26 +491,43 @@ class Runner:
             **({"plateau": True} if self.setting.get("teacher_until_plateau") else {}),
         )  # fmt: skip
 
-    def run_all(self, runs: list[dict]) -> list[dict]:
-        """Results of `runs`, from the cache or computed in parallel; cached and printed as each finishes (an
-        interrupted benchmark loses only the runs in flight)."""
-        results: dict[str, dict] = {}
-        pending, submitted = {}, set()  # future -> run; the keys submitted
+    def start(self, runs: list[dict]) -> list[dict]:
+        """Starts the runs not cached or started yet in the workers, and returns `runs` (for `finish`). Each result
+        is cached and printed as soon as it finishes: an interrupted benchmark loses only the runs in flight."""
         for run in runs:
-            path = self.work / "runs" / f"{run['key']}.json"
-            if path.is_file():
-                results[run["key"]] = json.loads(path.read_text())
-            elif run["key"] not in submitted:
-                pending[self.pool.submit(train_run, run)] = run
-                submitted.add(run["key"])
-        for future in as_completed(pending):
-            run, result = pending[future], future.result()
-            (self.work / "runs" / f"{run['key']}.json").write_text(json.dumps(result, indent=1))
-            results[run["key"]] = result
-            print(f"  {run['key']:<22} {run['optimizer']:<7} seed {run['seed']} {json.dumps(run['hp'])} -> "
-                  f"test ppl {json.dumps({k: round(v, 2) for k, v in result['test_ppl'].items()})} "
-                  f"({result['seconds']:.0f} s)", flush=True)  # fmt: skip
-        return [results[run["key"]] for run in runs]
+            if run["key"] not in self.futures and not self._path(run).is_file():
+                self.futures[run["key"]] = future = self.pool.submit(train_run, run)
+                future.add_done_callback(functools.partial(self._cache, run))
+        return runs
+
+    def finish(self, runs: list[dict]) -> list[dict]:
+        """The results of started `runs`, once every one has finished (a failed run raises its error here)."""
+        for run in runs:
+            if run["key"] in self.futures:
+                self._save(run, self.futures[run["key"]].result())
+        return [json.loads(self._path(run).read_text()) for run in runs]
+
+    def run_all(self, runs: list[dict]) -> list[dict]:
+        """Results of `runs`, from the cache or computed in parallel."""
+        return self.finish(self.start(runs))
+
+    def _path(self, run: dict) -> Path:
+        return self.work / "runs" / f"{run['key']}.json"
+
+    def _cache(self, run: dict, future: Future) -> None:
+        if future.exception() is None:
+            self._save(run, future.result())
+
+    def _save(self, run: dict, result: dict) -> None:
+        """Caches and prints a result once (from the worker's callback or from `finish`, whichever comes first)."""
+        with self.lock:
+            if run["key"] in self.saved:
+                return
+            self.saved.add(run["key"])
+            self._path(run).write_text(json.dumps(result, indent=1))
+        print(f"  {run['key']:<22} {run['optimizer']:<7} seed {run['seed']} {json.dumps(run['hp'])} -> "
+              f"test ppl {json.dumps({k: round(v, 2) for k, v in result['test_ppl'].items()})} "
+              f"({result['seconds']:.0f} s)", flush=True)  # fmt: skip
 
 
 def trials(setting: dict, arm: str, count: int, base: dict | None = None) -> list[dict]:
@@ -605,32 +629,31 @@ def tune(setting: dict, runner: Runner) -> Tuned:
     """Stages 1-3: the teacher (and pre-trained student), then the same number of trials for CE, KD (at every ladder
     size with `tune_each_size`) and MatTA (from KD's best learning rate, gamma and tau_T), all at seed 0."""
     S, sizes = setting["student_ffn"], ladder(setting)
-    print("stage 1: teacher (and the pre-trained student), CE trials", flush=True)
+    print("stage 1: the teacher; beside it the pre-trained student, then CE trials", flush=True)
     lr = {"learning_rate": 2e-3}  # from scratch (the continued arms of `capacity` tune smaller steps)
-    base_runs = [runner.teacher_spec()]
+    teacher = runner.start([runner.teacher_spec()])  # the longest run: what does not need it goes on meanwhile
+    student = []
     if setting["grow"]:
-        base_runs.append(
-            runner.spec(
-                "ce", lr, split="pretrain", init=None, steps=setting["pretrain_steps"], save="student",
-                **({"plateau": True} if setting.get("pretrain_until_plateau") else {}),
-            )  # fmt: skip
-        )
-    base_results = runner.run_all(base_runs)
+        pretrain = runner.spec(
+            "ce", lr, split="pretrain", init=None, steps=setting["pretrain_steps"], save="student",
+            **({"plateau": True} if setting.get("pretrain_until_plateau") else {}),
+        )  # fmt: skip
+        student = runner.run_all([pretrain])
     ce_trials = trials(setting, "ce", setting["trials"])
-    ce_results = runner.run_all([runner.spec("ce", hp) for hp in ce_trials])
-    print("stage 2: KD trials", flush=True)
-    kd_trials = trials(setting, "kd", setting["trials"])
-    kd_results = runner.run_all([runner.spec("kd", hp) for hp in kd_trials])
-    best_ce, best_kd = _best(ce_trials, ce_results, S), _best(kd_trials, kd_results, S)
+    ce_runs = runner.start([runner.spec("ce", hp) for hp in ce_trials])
+    base_results = runner.finish(teacher) + student
     wider = sizes[1:] if setting.get("tune_each_size") else []
-    print("stage 3: MatTA trials (from KD's best learning rate, gamma, tau_T)"
-          + (", KD trials at every wider size of the ladder" if wider else ""), flush=True)  # fmt: skip
+    print("stage 2: KD trials" + (", and at every wider size of the ladder" if wider else ""), flush=True)
+    kd_trials = trials(setting, "kd", setting["trials"])
+    kd_runs = runner.start([runner.spec("kd", hp) for hp in kd_trials])
+    size_runs = runner.start([runner.spec("kd", hp, widths=[w]) for w in wider for hp in kd_trials])
+    ce_results, kd_results = runner.finish(ce_runs), runner.finish(kd_runs)
+    best_ce, best_kd = _best(ce_trials, ce_results, S), _best(kd_trials, kd_results, S)
+    print("stage 3: MatTA trials (from KD's best learning rate, gamma, tau_T)", flush=True)
     matta_trials = trials(setting, "matta", setting["trials"], base=best_kd)
-    # with Mix'n'Match, so that the chosen trial is also stage 5's seed-0 run (one run, not two); one batch with
-    # KD's sizes, which do not depend on them, so that no worker waits
-    matta_runs = [runner.spec("matta", hp, mix_n_match=True) for hp in matta_trials]
-    both = runner.run_all(matta_runs + [runner.spec("kd", hp, widths=[w]) for w in wider for hp in kd_trials])
-    matta_results, size_results = both[: len(matta_runs)], both[len(matta_runs) :]
+    # with Mix'n'Match, so that the chosen trial is also stage 5's seed-0 run (one run, not two)
+    matta_results = runner.run_all([runner.spec("matta", hp, mix_n_match=True) for hp in matta_trials])
+    size_results = runner.finish(size_runs)
     size_trials = {w: size_results[i * len(kd_trials) : (i + 1) * len(kd_trials)] for i, w in enumerate(wider)}
     best_kd_at = {w: best_kd for w in sizes} | {w: _best(kd_trials, got, w) for w, got in size_trials.items()}
     if setting.get("choose_matta_by") == "family":
