@@ -193,12 +193,12 @@ SETTINGS = {
     #   moves with either; the family is what Mix'n'Match publishes).
     # Tuned at seed 0 over 3000 continued steps in session 12 (RESULTS.md, "seed 0's trials so far"): CE's student
     # chose 2e-3 (of 1e-3 to 1.6e-2), KD's 4e-3 (8e-3 tied on the tune split), KD alone at FFN 280 8e-3 (4e-3 within
-    # 0.3 %), MatTA x 1 for the TA-only neurons (its family 20.11 on the tune split against 20.66 at x 2). At 3000 steps
-    # the full benchmark (four trials per arm, KD tuned at five sizes, three seeds, KD at MatTA's FLOPs) is about 12
-    # process-hours (session 12's run times), over six on two cores: more than a working session, and its cache does not outlive one. So every arm
-    # continues for 1000 steps (2 M tokens, two thirds of the continuation split: no block seen twice) with two trials
-    # per arm, each arm's two best steps from that tuning (KD's at every size), and the whole run is about two hours.
-    # `--steps 3000` runs the longer continuation with the same grids.
+    # 0.3 %), MatTA x 1 for the TA-only neurons (its family 20.11 on the tune split against 20.66 at x 2). At 3000
+    # steps the full benchmark (four trials per arm, KD tuned at five sizes, three seeds, KD at MatTA's FLOPs) is about
+    # 13 process-hours (session 12's run times), over six on two cores: more than a working session, and its cache does
+    # not outlive one. So every arm continues for 1000 steps (2 M tokens, two thirds of the continuation split: no
+    # block seen twice) with two trials per arm, each arm's two best steps from that tuning (KD's at every size), and
+    # the whole run is about two hours. `--steps 3000` runs the longer continuation with the same grids.
     "grown_linux": dict(
         corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=1000, n_layer=2, n_embd=128,
         n_head=4, student_ffn=32, ta_ffn=1024, teacher="n_layer=2,n_embd=128,n_head=4,n_inner=1024",
