@@ -8,7 +8,7 @@ distilled from the teacher alone? Every claim is decided by the script, over see
     .venv/bin/python benchmarks/quality.py --setting narrow        # capacity bound from scratch (about 2 h)
     .venv/bin/python benchmarks/quality.py --setting grown         # narrow's widths, grown from a plateau (1.5 h)
     apt-get install linux-doc-6.1                                  # once: grown_linux's corpus
-    .venv/bin/python benchmarks/quality.py --setting grown_linux   # grown, on 2.3 x the text (hours)
+    .venv/bin/python benchmarks/quality.py --setting grown_linux   # grown, on 2.3 x the text (about 1.5 h)
     .venv/bin/python benchmarks/quality.py --steps 100 --trials 2 --seeds 1 --out /tmp/q.md   # a quick look
 
 Five settings (`SETTINGS`):
@@ -37,9 +37,9 @@ Five settings (`SETTINGS`):
   tokens, 2.3 x python-docs), where the plateaued student has not learnt its text by heart and a model of the TA's
   width trained alone is 27 % lower: capacity binds. The teacher is a model of the TA's shape trained to its own
   plateau (`teacher_until_plateau`); every arm continues for 1000 steps (2 M tokens, none seen twice; 3000 steps with
-  four trials per arm take over six hours on two cores), two trials per arm at the two best steps of a 3000-step
-  tuning at seed 0: CE 2e-3 and 4e-3, KD 4e-3 and 8e-3 at every size, MatTA 4e-3 and 8e-3 with the TA-only neurons
-  at its step, chosen by its family's tune-split perplexity (`choose_matta_by="family"`).
+  four trials per arm take over six hours on two cores), three trials per arm: the two best steps of a 3000-step
+  tuning at seed 0 and the step below (CE 1e-3 to 4e-3, KD 2e-3 to 8e-3 at every size, MatTA 2e-3 to 8e-3 with the
+  TA-only neurons at its step, chosen by its family's tune-split perplexity, `choose_matta_by="family"`).
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
@@ -197,18 +197,21 @@ SETTINGS = {
     # steps the full benchmark (four trials per arm, KD tuned at five sizes, three seeds, KD at MatTA's FLOPs) is about
     # 13 process-hours (session 12's run times), over six on two cores: more than a working session, and its cache does
     # not outlive one. So every arm continues for 1000 steps (2 M tokens, two thirds of the continuation split: no
-    # block seen twice) with two trials per arm, each arm's two best steps from that tuning (KD's at every size), and
-    # the whole run is about two hours. `--steps 3000` runs the longer continuation with the same grids.
+    # block seen twice) with three trials per arm: each arm's two best steps from that tuning (KD's at every size) and
+    # the step below them, as a shorter continuation from a plateau may want a smaller one (CE's student continued
+    # 1000 steps, tune ppl: 24.00 at 2e-3, 24.71 at 4e-3, both above its plateau's 23.54). About 1.5 hours on two
+    # cores.
+    # `--steps 3000` runs the longer continuation with the same grids.
     "grown_linux": dict(
         corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=1000, n_layer=2, n_embd=128,
         n_head=4, student_ffn=32, ta_ffn=1024, teacher="n_layer=2,n_embd=128,n_head=4,n_inner=1024",
         teacher_steps=20000, teacher_until_plateau=True, pretrain_steps=20000, pretrain_until_plateau=True,
-        continue_fraction=1 / 3, trials=2, seeds=3, shampoo_block=128, grow=True, sharing_ablation=False,
+        continue_fraction=1 / 3, trials=3, seeds=3, shampoo_block=128, grow=True, sharing_ablation=False,
         shampoo=False, ladder_steps=4, tune_each_size=True, choose_matta_by="family",
         grids=dict(
-            ce=dict(learning_rate=[2e-3, 4e-3]),
-            kd=dict(learning_rate=[4e-3, 8e-3], teacher_weight=[0.5], teacher_temperature=[1.0]),
-            matta={**{knob: [value] for knob, value in GROWN_MATTA_X1.items()}, "learning_rate": [4e-3, 8e-3]},
+            ce=dict(learning_rate=[1e-3, 2e-3, 4e-3]),
+            kd=dict(learning_rate=[2e-3, 4e-3, 8e-3], teacher_weight=[0.5], teacher_temperature=[1.0]),
+            matta={**{knob: [value] for knob, value in GROWN_MATTA_X1.items()}, "learning_rate": [2e-3, 4e-3, 8e-3]},
         ),
         defaults=dict(kd=dict(learning_rate=4e-3), matta=GROWN_MATTA_X1),
     ),
