@@ -526,8 +526,10 @@ class Runner:
         with self.lock:
             if run["key"] in self.saved:
                 return
+            partial = self._path(run).with_suffix(".partial")  # renamed when whole: a killed write caches nothing
+            partial.write_text(json.dumps(result, indent=1))
+            partial.replace(self._path(run))
             self.saved.add(run["key"])
-            self._path(run).write_text(json.dumps(result, indent=1))
         print(f"  {run['key']:<22} {run['optimizer']:<7} seed {run['seed']} {json.dumps(run['hp'])} -> "
               f"test ppl {json.dumps({k: round(v, 2) for k, v in result['test_ppl'].items()})} "
               f"({result['seconds']:.0f} s)", flush=True)  # fmt: skip
