@@ -200,9 +200,10 @@ SETTINGS = {
     # and the step below them, as a shorter continuation from a plateau may want a smaller one (CE's student continued
     # 1000 steps, tune ppl: 24.00 at 2e-3, 24.71 at 4e-3, both above its plateau's 23.54). KD's student chose the
     # grid's bottom, 2e-3 (a seed-0 check at 1e-3: tune 23.21 against 23.24, test 22.28 against 22.31). MatTA's three
-    # trials: KD's step with the TA-only neurons at 1 x and 2 x (each part at the step KD alone chose for a model of
-    # its width: 2e-3 at FFN 32, 4e-3 at every wider one), and 2 x KD's step at 1 x (session 13 tried 2e-3, 4e-3 and
-    # 8e-3 at 1 x: 4e-3 was chosen, 8e-3 worst at every width). About 2 hours on two cores from an empty cache.
+    # trials, at KD's step: the TA-only neurons at 1 x and 2 x it (2 x: each part at the step KD alone chose for a
+    # model of its width, 2e-3 at FFN 32 and 4e-3 at every wider one), and 2 x with the TA's term weighted 2 (sessions
+    # 13-14 also ran 4e-3 and 8e-3 at 1 x, 8e-3 worst at every width, and 2e-3 with the TA-only neurons at 4 x, worse
+    # on the tune split than 2 x: RESULTS.md's reading). About 2 hours on two cores from an empty cache.
     # `--steps 3000` runs the longer continuation with the same grids.
     "grown_linux": dict(
         corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=1000, n_layer=2, n_embd=128,
@@ -213,10 +214,9 @@ SETTINGS = {
         grids=dict(
             ce=dict(learning_rate=[1e-3, 2e-3, 4e-3]),
             kd=dict(learning_rate=[2e-3, 4e-3, 8e-3], teacher_weight=[0.5], teacher_temperature=[1.0]),
-            matta={**{knob: [value] for knob, value in GROWN_MATTA.items()}, "ta_neuron_lr_scale": [1.0],
-                   "learning_rate": [2e-3, 4e-3]},
+            matta={**{knob: [value] for knob, value in GROWN_MATTA.items()}, "ta_neuron_lr_scale": [1.0, 2.0]},
         ),
-        defaults=dict(kd=dict(learning_rate=4e-3), matta=GROWN_MATTA),
+        defaults=dict(kd=dict(learning_rate=4e-3), matta={**GROWN_MATTA, "ta_weight": 2.0}),
     ),
 }  # fmt: skip
 # "Until its tune loss plateaus": evaluated on the first PLATEAU_BLOCKS tune blocks every `eval_steps`; an evaluation
