@@ -38,8 +38,9 @@ Five settings (`SETTINGS`):
   width trained alone is 27 % lower: capacity binds. The teacher is a model of the TA's shape trained to its own
   plateau (`teacher_until_plateau`); every arm continues for 1000 steps (2 M tokens, none seen twice; 3000 steps with
   four trials per arm take over six hours on two cores), three trials per arm: the two best steps of a 3000-step
-  tuning at seed 0 and the step below (CE 1e-3 to 4e-3, KD 2e-3 to 8e-3 at every size, MatTA 2e-3 to 8e-3 with the
-  TA-only neurons at its step, chosen by its family's tune-split perplexity, `choose_matta_by="family"`).
+  tuning at seed 0 and the step below (CE 1e-3 to 4e-3, KD 2e-3 to 8e-3 at every size); MatTA at KD's step with the
+  TA-only neurons at 1 and 2 x it, and at 2 x with the TA's term weighted 2, chosen by its family's tune-split
+  perplexity (`choose_matta_by="family"`).
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
