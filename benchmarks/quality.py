@@ -591,9 +591,10 @@ def _teacher_shape(setting: dict) -> tuple[dict, int]:
     return shape, ffn or 4 * shape["n_embd"]
 
 
-def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
+def step_flops(setting: dict, kind: str, hp: dict, steps: int, width: int | None = None) -> float:
     """Training FLOPs of a run: 3 x forward for every trained model per token (forward and backward), 1 x for the
-    teacher's forward; MatTA's student forward is skipped during its TA-first phase."""
+    teacher's forward; MatTA's student forward is skipped during its TA-first phase. A run of another kind trains
+    one model, at FFN `width` (default: the student's)."""
     from hf_matta.widths import count_flops_per_token
 
     shape = _shape(setting)
@@ -604,7 +605,7 @@ def step_flops(setting: dict, kind: str, hp: dict, steps: int) -> float:
 
     teacher = forward(*_teacher_shape(setting)) if hp.get("teacher_weight", 0) > 0 else 0
     if kind != "matta":
-        return steps * (3 * forward(shape, setting["student_ffn"]) + teacher)
+        return steps * (3 * forward(shape, width or setting["student_ffn"]) + teacher)
     widths = ladder(setting)
     extras = widths[1:-1] if hp.get("extra_widths") in ("all", "sample") else []
     # "sample" trains one of the extras per step: their mean cost
@@ -725,11 +726,20 @@ def main(argv: list[str] | None = None) -> None:
         setting["steps"] * step_flops(setting, "matta", best_matta, setting["steps"])
         / step_flops(setting, "kd", best_kd, setting["steps"])
     )  # fmt: skip
+    # The family's price: one MatTA run against KD alone at every ladder size; MatTA again at the FLOPs of the latter
+    family_flops = (
+        step_flops(setting, "matta", best_matta, setting["steps"]),
+        sum(step_flops(setting, "kd", tuned.best_kd_at[w], setting["steps"], w) for w in sizes),
+    )
+    family_steps = round(setting["steps"] * family_flops[1] / family_flops[0])
     groups = {
         "ce": [runner.spec("ce", tuned.best["ce"], seed) for seed in seeds],
         "matta": [runner.spec("matta", best_matta, seed, mix_n_match=True) for seed in seeds],
         **{f"kd_{w}": [runner.spec("kd", tuned.best_kd_at[w], seed, widths=[w]) for seed in seeds] for w in sizes},
         "kd_flops": [runner.spec("kd", best_kd, seed, steps=flop_steps) for seed in seeds],
+        "matta_family_flops": [
+            runner.spec("matta", best_matta, seed, mix_n_match=True, steps=family_steps) for seed in seeds
+        ],
     }
     if setting["shampoo"]:
         groups["kd_shampoo"] = [runner.spec("kd", shampoo_hp["kd"], seed, "shampoo") for seed in seeds]
@@ -755,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
             report.tuning_by_size(tuned.trials["kd"][0], tuned.kd_sizes, tuned.best_kd_at)
     report.main_table(results, S, A, flop_steps)
     report.diagnostics(results["matta"], *tuned.trials["matta"])
-    report.mix_n_match(results, sizes, plot)
+    report.mix_n_match(results, sizes, plot, family_flops, family_steps)
     if setting["shampoo"]:
         report.two_by_two(results, S, shampoo_hp)
     if setting["sharing_ablation"]:
@@ -961,8 +971,10 @@ class Report:
             self.lines.append(f"| {label} | {found['kl_ta_student']:.4f} | " + " | ".join(cells) + " |")
         self.lines.append("")
 
-    def mix_n_match(self, results, sizes, plot_path):
-        """Every family of every MatTA seed against KD alone at the ladder sizes (3 seeds)."""
+    def mix_n_match(self, results, sizes, plot_path, family_flops: tuple[float, float], family_steps: int):
+        """Every family of every MatTA seed against KD alone at the ladder sizes (3 seeds); `family_flops`: the
+        training FLOPs of one MatTA run and of KD alone at every ladder size, summed; MatTA's uniform family again
+        after `family_steps`, the steps at which its run costs the latter."""
         from hf_matta.widths import count_parameters
 
         params = [count_parameters(_model_config(self.setting, [w]), w) for w in sizes]
@@ -974,31 +986,44 @@ class Report:
             "Uniform plans put every layer at one ladder width; block plans widen a centred block of k layers to the "
             "TA's width, the others at the student's (the same parameter counts as the ladder); `reordered`: the "
             "TA-only neurons sorted by importance on 64 tune blocks (student and TA unchanged); `search`: the greedy "
-            "path on the tune split. Mean ± std over the MatTA seeds; KD alone: mean ± std over its seeds.",
+            "path on the tune split; `uniform, family's FLOPs`: the uniform plans of MatTA trained for "
+            f"{family_steps} steps instead of {self.setting['steps']}, the FLOPs of KD alone at every size of the "
+            "table. Mean ± std over the MatTA seeds; KD alone: mean ± std over its seeds.",
             "",
-            "| params | KD alone | " + " | ".join(families) + " |",
-            "|---|---|" + "---|" * len(families),
+            "| params | KD alone | " + " | ".join(families) + " | uniform, family's FLOPs |",
+            "|---|---|" + "---|" * (len(families) + 1),
         ]
+        columns = [("matta", family) for family in families] + [("matta_family_flops", "uniform")]
         for index, width in enumerate(sizes):
             cells = []
-            for family in families:
+            for group, family in columns:
                 values = [
-                    point["ppl"] for result in results["matta"] for point in result["mix_n_match"][family]
+                    point["ppl"] for result in results[group] for point in result["mix_n_match"][family]
                     if point["params"] == params[index]
                 ]  # fmt: skip
                 cells.append(_mean_std(values) if values else "-")
             kd_cell = _mean_std(_ppl(results[f"kd_{width}"], width))
             self.lines.append(f"| {params[index] / 1e6:.3f} M | {kd_cell} | " + " | ".join(cells) + " |")
-        self.lines += ["", f"![Mix'n'Match curve]({plot_path.name})", ""]
-        for family in families:
-            checks = [against_curve(result["mix_n_match"][family], params, kd) for result in results["matta"]]
+        matta_flops, kd_flops = family_flops
+        self.lines += [
+            "",
+            f"Training FLOPs (`step_flops`): one MatTA run, which gives every plan above, {matta_flops:.3g}; "
+            f"KD alone at each of the {len(sizes)} ladder sizes, {kd_flops:.3g} in all "
+            f"({matta_flops / kd_flops:.2f} x).",
+            "",
+            f"![Mix'n'Match curve]({plot_path.name})",
+            "",
+        ]
+        for group, family in columns:
+            checks = [against_curve(result["mix_n_match"][family], params, kd) for result in results[group]]
             below, monotone = [worst <= 0 for worst, _ in checks], [ordered for _, ordered in checks]
+            name = f"`{family}`" + (f" at the family's FLOPs ({family_steps} steps)" if group != "matta" else "")
             self.verdicts.append(
-                f"- Mix'n'Match `{family}`: at or below the KD-alone curve at every size in {sum(below)} of "
-                f"{len(below)} seeds; monotone (more parameters, lower perplexity) in {sum(monotone)} of "
-                f"{len(monotone)} seeds."
+                f"- Mix'n'Match {name}: at or below the KD-alone curve at every size in {sum(below)} of "
+                f"{len(below)} seeds (worst member {100 * max(worst for worst, _ in checks):+.1f} % against the curve); monotone "
+                f"(more parameters, lower perplexity) in {sum(monotone)} of {len(monotone)} seeds."
             )
-        _plot(results, sizes, params, kd, self.setting, plot_path)
+        _plot(results, sizes, params, kd, self.setting, plot_path, family_steps)
 
     def two_by_two(self, results, S, shampoo_hp):
         cells = {
@@ -1093,8 +1118,9 @@ class Report:
         return "\n".join(self.lines)
 
 
-def _plot(results, sizes, params, kd, setting, path: Path) -> None:
-    """Perplexity against parameters: the extracted MatTA families (seed 0) and KD alone at the ladder sizes."""
+def _plot(results, sizes, params, kd, setting, path: Path, family_steps: int) -> None:
+    """Perplexity against parameters: the extracted MatTA families (seed 0), the uniform one at the KD family's
+    FLOPs (`family_steps`), and KD alone at the ladder sizes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1107,6 +1133,9 @@ def _plot(results, sizes, params, kd, setting, path: Path) -> None:
         points = sorted(points, key=lambda point: point["params"])
         sizes_m, ppls = [p["params"] / 1e6 for p in points], [p["ppl"] for p in points]
         ax.plot(sizes_m, ppls, "o-", label=f"MatTA {family} (seed 0)")
+    points = sorted(results["matta_family_flops"][0]["mix_n_match"]["uniform"], key=lambda point: point["params"])
+    ax.plot([p["params"] / 1e6 for p in points], [p["ppl"] for p in points], "D:", color="gray",
+            label=f"MatTA uniform, {family_steps} steps: KD alone's FLOPs at every size (seed 0)")  # fmt: skip
     ce = statistics.mean(_ppl(results["ce"], sizes[0]))
     ax.plot([params[0] / 1e6], [ce], "^", color="red", label="student alone (CE)")
     ax.set_xlabel("parameters (M)")
