@@ -56,14 +56,15 @@ setting gets the same tokens and schedule: linear warm-up over 10 % of the steps
    (every setting but `capacity`), KD alone at every wider size of the ladder gets KD's trials too, chosen by its own
    tune-split perplexity; in `capacity` (not re-run since) it takes the student's choice.
 4. Seeds (`--seeds`): CE and KD students, MatTA, KD-alone models at every size of the Mix'n'Match ladder (student,
-   three in between, TA), KD at MatTA's FLOPs, and the {KD, MatTA} x {AdamW, Shampoo} 2 x 2 (Shampoo's learning
-   rate: the better of the AdamW arm's x 1 or x 2 on seed 0). `smallest` adds the sharing ablation (a separate TA
-   trained online with the same loss).
+   three in between, TA), KD at MatTA's FLOPs, MatTA at the family's FLOPs (trained for as many steps as cost the
+   KD-alone models of every ladder size together: what one run gives for the compute of training each size alone),
+   and the {KD, MatTA} x {AdamW, Shampoo} 2 x 2 (Shampoo's learning rate: the better of the AdamW arm's x 1 or x 2
+   on seed 0). `smallest` adds the sharing ablation (a separate TA trained online with the same loss).
 5. Mix'n'Match on every MatTA seed: uniform plans (every layer at one ladder width), block plans (a centred block of
    k layers at the TA's width, the others at the student's: exactly the ladder's parameter counts), both with the
    TA-only neurons in trained order and reordered by importance
    (`MatGPT2LMHeadModel.reorder_neurons_by_importance`), and the greedy search (`mix_n_match(..., "search")` on the
-   tune split).
+   tune split); the uniform plans of MatTA at the family's FLOPs too.
 
 Runs go to `--jobs` worker processes (one CPU thread each by default); each run's result is cached as JSON under
 `--work`, so an interrupted benchmark resumes where it stopped. The script writes its tables, the claims it decides
