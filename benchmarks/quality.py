@@ -39,8 +39,8 @@ Five settings (`SETTINGS`):
   plateau (`teacher_until_plateau`); every arm continues for 1000 steps (2 M tokens, none seen twice; 3000 steps with
   four trials per arm take over six hours on two cores), three trials per arm: the two best steps of a 3000-step
   tuning at seed 0 and the step below (CE 1e-3 to 4e-3, KD 2e-3 to 8e-3 at every size); MatTA at KD's step with the
-  TA-only neurons at 1 and 2 x it, and at 2 x with the TA's term weighted 2, chosen by its family's tune-split
-  perplexity (`choose_matta_by="family"`).
+  TA-only neurons at 2 x it and the TA's term weighted 1, 2 or 8, chosen by its family's tune-split perplexity
+  (`choose_matta_by="family"`).
 
 What runs (every training run is `hf_matta.trainer.MatTATrainer` on data from `hf_matta.data`; every arm of a
 setting gets the same tokens and schedule: linear warm-up over 10 % of the steps, cosine decay, AdamW unless Shampoo):
@@ -202,10 +202,12 @@ SETTINGS = {
     # and the step below them, as a shorter continuation from a plateau may want a smaller one (CE's student continued
     # 1000 steps, tune ppl: 24.00 at 2e-3, 24.71 at 4e-3, both above its plateau's 23.54). KD's student chose the
     # grid's bottom, 2e-3 (a seed-0 check at 1e-3: tune 23.21 against 23.24, test 22.28 against 22.31). MatTA's three
-    # trials, at KD's step: the TA-only neurons at 1 x and 2 x it (2 x: each part at the step KD alone chose for a
-    # model of its width, 2e-3 at FFN 32 and 4e-3 at every wider one), and 2 x with the TA's term weighted 2 (sessions
-    # 13-14 also ran 4e-3 and 8e-3 at 1 x, 8e-3 worst at every width, and 2e-3 with the TA-only neurons at 4 x, worse
-    # on the tune split than 2 x: RESULTS.md's reading). About 2 hours on two cores from an empty cache.
+    # trials, at KD's step with the TA-only neurons at 2 x it (each part at the step KD alone chose for a model of its
+    # width, 2e-3 at FFN 32 and 4e-3 at every wider one): the TA's term weighted 1, 2 and 8. Session 15's third trial
+    # was one step for every neuron (family 22.23 on the tune split, against 21.66 at 2 x); w_A = 3 (21.33) and 8
+    # (21.29) were seed-0 probes of session 16, and 8 replaced it (sessions 13-14 also ran 4e-3 and 8e-3 at 1 x, 8e-3
+    # worst at every width, and 2e-3 with the TA-only neurons at 4 x, worse on the tune split than 2 x: RESULTS.md's
+    # reading). About 2 hours on two cores from an empty cache.
     # `--steps 3000` runs the longer continuation with the same grids.
     "grown_linux": dict(
         corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=1000, n_layer=2, n_embd=128,
@@ -216,7 +218,7 @@ SETTINGS = {
         grids=dict(
             ce=dict(learning_rate=[1e-3, 2e-3, 4e-3]),
             kd=dict(learning_rate=[2e-3, 4e-3, 8e-3], teacher_weight=[0.5], teacher_temperature=[1.0]),
-            matta={**{knob: [value] for knob, value in GROWN_MATTA.items()}, "ta_neuron_lr_scale": [1.0, 2.0]},
+            matta={**{knob: [value] for knob, value in GROWN_MATTA.items()}, "ta_weight": [1.0, 8.0]},
         ),
         defaults=dict(kd=dict(learning_rate=4e-3), matta={**GROWN_MATTA, "ta_weight": 2.0}),
     ),
