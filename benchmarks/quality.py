@@ -201,13 +201,13 @@ SETTINGS = {
     # block seen twice) with three trials per arm: CE's and KD's two best steps from that tuning (KD's at every size)
     # and the step below them, as a shorter continuation from a plateau may want a smaller one (CE's student continued
     # 1000 steps, tune ppl: 24.00 at 2e-3, 24.71 at 4e-3, both above its plateau's 23.54). KD's student chose the
-    # grid's bottom, 2e-3 (a seed-0 check at 1e-3: tune 23.21 against 23.24, test 22.28 against 22.31). MatTA's three
-    # trials, at KD's step with the TA-only neurons at 2 x it (each part at the step KD alone chose for a model of its
-    # width, 2e-3 at FFN 32 and 4e-3 at every wider one): the TA's term weighted 1, 2 and 8. Session 15's third trial
-    # was one step for every neuron (family 22.23 on the tune split, against 21.66 at 2 x); w_A = 3 (21.33) and 8
-    # (21.29) were seed-0 probes of session 16, and 8 replaced it (sessions 13-14 also ran 4e-3 and 8e-3 at 1 x, 8e-3
-    # worst at every width, and 2e-3 with the TA-only neurons at 4 x, worse on the tune split than 2 x: RESULTS.md's
-    # reading). About 2 hours on two cores from an empty cache.
+    # grid's bottom, 2e-3 (a seed-0 check at 1e-3: tune 23.21 against 23.24, test 22.28 against 22.31). MatTA's
+    # three trials, at KD's step with the TA-only neurons at 2 x it (each part at the step KD alone chose for a
+    # model of its width, 2e-3 at FFN 32 and 4e-3 at every wider one): the TA's term weighted 1, 2 and 8. Session
+    # 15's third trial was one step for every neuron (family 22.23 on the tune split, against 21.66 at 2 x);
+    # w_A = 3 (21.33) was a seed-0 probe of session 15, 8 (21.29) one of session 16, and 8 replaced it (sessions
+    # 13-14 also ran 4e-3 and 8e-3 at 1 x, 8e-3 worst at every width, and 2e-3 with the TA-only neurons at 4 x,
+    # worse on the tune split than 2 x: RESULTS.md's reading). About 2 hours on two cores from an empty cache.
     # `--steps 3000` runs the longer continuation with the same grids.
     "grown_linux": dict(
         corpus="linux-docs", held_out=6, vocab=1024, block=128, batch=16, steps=1000, n_layer=2, n_embd=128,
@@ -1023,8 +1023,8 @@ class Report:
             name = f"`{family}`" + (f" at the family's FLOPs ({family_steps} steps)" if group != "matta" else "")
             self.verdicts.append(
                 f"- Mix'n'Match {name}: at or below the KD-alone curve at every size in {sum(below)} of "
-                f"{len(below)} seeds (worst member {100 * max(worst for worst, _ in checks):+.1f} % against the curve); monotone "
-                f"(more parameters, lower perplexity) in {sum(monotone)} of {len(monotone)} seeds."
+                f"{len(below)} seeds (worst member {100 * max(worst for worst, _ in checks):+.1f} % against the "
+                f"curve); monotone (more parameters, lower perplexity) in {sum(monotone)} of {len(monotone)} seeds."
             )
         _plot(results, sizes, params, kd, self.setting, plot_path, family_steps)
 
