@@ -238,7 +238,8 @@ def teaching_lines(summary: dict) -> list[str]:
         + f". With {tokens_per_parameter:.1f} training tokens per student parameter the student is not short of "
         "capacity and distillation hands it what the TA learnt. A TA leads only where a model of its size alone "
         "clearly beats one of the student's after the same tokens and the student's width binds: "
-        "benchmarks/RESULTS.md measures such a regime (quality.py --setting narrow)",
+        "benchmarks/RESULTS.md measures such a regime (quality.py --setting grown_linux: a pre-trained student "
+        "grown into its TA, as in the paper; --setting narrow: from scratch)",
     ]
 
 
