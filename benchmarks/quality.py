@@ -725,16 +725,13 @@ def main(argv: list[str] | None = None) -> None:
         shampoo_hp[kind] = _best(candidates, trial_results, S)
 
     print("stage 5: seeds of CE, KD at every size, MatTA (+ Mix'n'Match), KD at MatTA's FLOPs, Shampoo", flush=True)
-    flop_steps = round(
-        setting["steps"] * step_flops(setting, "matta", best_matta, setting["steps"])
-        / step_flops(setting, "kd", best_kd, setting["steps"])
-    )  # fmt: skip
+    matta_flops = step_flops(setting, "matta", best_matta, setting["steps"])
+    flop_steps = round(setting["steps"] * matta_flops / step_flops(setting, "kd", best_kd, setting["steps"]))
     # The family's price: one MatTA run against KD alone at every ladder size; MatTA again at the FLOPs of the latter
     family_flops = (
-        step_flops(setting, "matta", best_matta, setting["steps"]),
-        sum(step_flops(setting, "kd", tuned.best_kd_at[w], setting["steps"], w) for w in sizes),
+        matta_flops, sum(step_flops(setting, "kd", tuned.best_kd_at[w], setting["steps"], w) for w in sizes)
     )
-    family_steps = round(setting["steps"] * family_flops[1] / family_flops[0])
+    family_steps = round(setting["steps"] * family_flops[1] / matta_flops)
     groups = {
         "ce": [runner.spec("ce", tuned.best["ce"], seed) for seed in seeds],
         "matta": [runner.spec("matta", best_matta, seed, mix_n_match=True) for seed in seeds],
